@@ -1,0 +1,54 @@
+"""Errors jetfx raises on bad input.
+
+Every error says what was wrong and what to do about it, so that users never have to read a stack
+trace from deep inside torch. They all derive from `JetfxError` (itself a `ValueError`, since in
+almost every case the caller passed something jetfx cannot work with).
+"""
+
+
+class JetfxError(ValueError):
+    """Base class of every error jetfx raises on purpose."""
+
+
+class TraceError(JetfxError):
+    """The model could not be exported, or the exported graph does not reproduce it."""
+
+
+class StructureError(JetfxError):
+    """The graph has no residual structure jetfx can expand."""
+
+
+class ExpansionError(JetfxError):
+    """A jet expansion was asked for with invalid arguments (order, centers, weights, paths)."""
+
+
+class InputError(JetfxError):
+    """Tokens or text given to a traced or expanded module are unusable."""
+
+
+class MissingDependencyError(JetfxError, ImportError):
+    """An optional program or package is needed for this feature."""
+
+
+def check_order(k) -> int:
+    """Validate a jet order: a non-negative integer (bools are refused)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        try:
+            import numpy as np  # noqa: PLC0415 - optional, only to accept numpy ints
+
+            if isinstance(k, np.integer):
+                k = int(k)
+        except ImportError:
+            pass
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ExpansionError(
+            f"the jet order k must be a non-negative integer, got {k!r} ({type(k).__name__}); "
+            "use k=0 for plain evaluation (logit-lens style), k=1 for linearization, k=2 and up "
+            "for higher-order jets"
+        )
+    if k < 0:
+        raise ExpansionError(
+            f"the jet order k must be a non-negative integer, got k={k}; "
+            "k=0 is plain evaluation, k=1 linearization"
+        )
+    return k

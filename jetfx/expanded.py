@@ -1,0 +1,76 @@
+"""The compiled expansion: an ordinary GraphModule whose output is every path's logits + remainder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .errors import InputError
+
+
+@dataclass
+class ExpansionOutput:
+    """Path logits and the exact remainder: Σ paths + remainder = the model's logits."""
+
+    names: tuple[str, ...]
+    stacked: torch.Tensor  # (paths, batch, seq, vocab), in the order of `names`
+    remainder: torch.Tensor  # (batch, seq, vocab)
+    logits: torch.Tensor  # the model's own logits (batch, seq, vocab)
+
+    @property
+    def paths(self) -> dict[str, torch.Tensor]:
+        return {n: self.stacked[i] for i, n in enumerate(self.names)}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self.stacked[self.names.index(name)]
+        except ValueError:
+            raise KeyError(f"no path named {name!r}; paths are {', '.join(self.names[:6])}…") from None
+
+    def total(self) -> torch.Tensor:
+        """Σ paths + remainder (equals `logits` up to rounding)."""
+        return self.stacked.sum(0) + self.remainder
+
+    def max_error(self) -> float:
+        """max |Σ paths + remainder − logits|: the exactness of the rewriting."""
+        return float((self.total() - self.logits).abs().max())
+
+
+class ExpandedModule(fx.GraphModule):
+    """A jet expansion compiled into one GraphModule.
+
+    `ex(tokens)` returns an `ExpansionOutput`; `ex.forward(tokens)` (what hooks and exporters see)
+    returns the plain tuple (stacked path logits, remainder, logits). It moves with `.to()`,
+    prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
+    `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic plan), `ex.k`.
+    """
+
+    path_names: tuple[str, ...]
+
+    def __call__(self, tokens, *args, **kwargs):
+        if not isinstance(tokens, torch.Tensor):
+            from .tracing import as_tokens
+
+            tokens = as_tokens(tokens, getattr(self, "tokenizer", None))
+        raw = super().__call__(tokens, *args, **kwargs)
+        if not isinstance(raw, tuple) or len(raw) != 3:
+            raise InputError("the expanded module returned an unexpected value (was its graph edited?)")
+        return ExpansionOutput(self.path_names, *raw)
+
+    def symbolic(self, **kw):
+        """The expansion as a sympy expression (see jetfx.symbolic.symbolic_view)."""
+        from .symbolic import symbolic_view
+
+        return symbolic_view(self, **kw)
+
+    def render(self, path: str | None = None, **kw) -> str:
+        """SVG of the path graph with this module's paths highlighted; written to `path` if given."""
+        from .pictures import render_path_graph
+
+        svg = render_path_graph(self.path_graph, selected=self.selected, **kw)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(svg)
+        return svg

@@ -1,0 +1,214 @@
+"""Symbolic terms of a jet expansion: what `jet_expand` returns and `compile` lowers to a graph.
+
+A `Terms` object stands for N functions of the tokens, all of the same shape — stream vectors
+(B, T, d) or logits (B, T, V) — which compile to one stacked tensor (N, B, T, ·). Each term has a
+name; names of jet terms record the path they come from ("h.0.attn>h.2.mlp").
+
+Terms form a DAG (a jet's centers are earlier terms), so terms shared by several paths are
+computed once. Nothing here computes anything: see `jetfx.passes.materialize` for the lowering and
+`jetfx.symbolic` for the sympy view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .paths import ENCODER
+from .structure import Block
+
+STREAM, LOGITS = "stream", "logits"
+
+
+class Terms:
+    """N named terms of one space ("stream": vectors in R^d, "logits": vectors in R^V)."""
+
+    names: tuple[str, ...]
+    space: str
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __add__(self, other: Terms) -> Terms:
+        return Concat((self, other))
+
+    def __getitem__(self, index) -> Terms:
+        if isinstance(index, str):
+            index = [self.names.index(index)]
+        elif isinstance(index, int):
+            index = [range(len(self))[index]]
+        elif isinstance(index, slice):
+            index = list(range(len(self)))[index]
+        return Select(self, tuple(index))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.names[:4]) + (", …" if len(self) > 4 else "")
+        return f"{type(self).__name__}({len(self)} {self.space} terms: {shown})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Stream(Terms):
+    """The model's own stream node h_s (s = 0: the encoder output η, named "embed")."""
+
+    index: int
+    label: str = ""
+    space: str = STREAM
+
+    @property
+    def names(self):
+        return (self.label or (ENCODER if self.index == 0 else f"h{self.index}"),)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Branch(Terms):
+    """The model's own block output γ_b(h_s), named after the block."""
+
+    block: Block
+    space: str = STREAM
+
+    @property
+    def names(self):
+        return (self.block.name,)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Logits(Terms):
+    """The model's logits q(z)."""
+
+    space: str = LOGITS
+
+    @property
+    def names(self):
+        return ("logits",)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Constant(Terms):
+    """User-given centers: a tensor (N, …, d) broadcast to (N, B, T, d) at run time."""
+
+    value: torch.Tensor
+    labels: tuple[str, ...]
+    space: str = STREAM
+
+    @property
+    def names(self):
+        return self.labels
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Concat(Terms):
+    parts: tuple[Terms, ...]
+
+    @property
+    def names(self):
+        return tuple(n for p in self.parts for n in p.names)
+
+    @property
+    def space(self):
+        return self.parts[0].space
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Select(Terms):
+    source: Terms
+    indices: tuple[int, ...]
+
+    @property
+    def names(self):
+        return tuple(self.source.names[i] for i in self.indices)
+
+    @property
+    def space(self):
+        return self.source.space
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Scaled(Terms):
+    """w_i · x_i: the identity terms of a k = 0 jet expansion."""
+
+    source: Terms
+    weights: tuple[float, ...]
+    weight_symbols: tuple[str, ...] = ()
+
+    @property
+    def names(self):
+        return self.source.names
+
+    @property
+    def space(self):
+        return self.source.space
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Jet(Terms):
+    """w_i · J^k f(x_i)(y) for the blocks f of a step (or the decoder υ), at centers x_i.
+
+    `pairs` lists the (center index, function index) pairs computed, in output order; the
+    function index counts the step's blocks (0 for the decoder). The variate y is the true input
+    of the step (h_s) or of the decoder (h_S).
+    """
+
+    site: int | str  # step index, or "decoder"
+    functions: tuple[Block | None, ...]  # the step's blocks, or (None,) for the decoder
+    centers: Terms
+    k: int
+    weights: tuple[float, ...]  # one per center
+    pairs: tuple[tuple[int, int], ...]
+    weight_symbols: tuple[str, ...] = ()  # names of the weights in the symbolic view
+    name_style: str = "path"  # "path": center>block; "center": keep the center's name
+    space: str = field(default=STREAM)
+
+    @property
+    def names(self):
+        out = []
+        for i, j in self.pairs:
+            center = self.centers.names[i]
+            f = self.functions[j]
+            if f is None or self.name_style == "center":
+                out.append(center)
+            else:
+                out.append(f.name if center == ENCODER else f"{center}>{f.name}")
+        return tuple(out)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Remainder(Terms):
+    """target − Σ terms (the exact remainder δ)."""
+
+    target: Terms
+    terms: Terms
+    space: str = STREAM
+
+    @property
+    def names(self):
+        return ("remainder",)
+
+
+def walk(terms: Terms):
+    """Every Terms node reachable from `terms`, each once, dependencies first."""
+    seen: set[int] = set()
+    order: list[Terms] = []
+
+    def visit(t: Terms):
+        if id(t) in seen:
+            return
+        seen.add(id(t))
+        for child in children(t):
+            visit(child)
+        order.append(t)
+
+    visit(terms)
+    return order
+
+
+def children(t: Terms) -> tuple[Terms, ...]:
+    if isinstance(t, Concat):
+        return t.parts
+    if isinstance(t, (Select, Scaled)):
+        return (t.source,)
+    if isinstance(t, Jet):
+        return (t.centers,)
+    if isinstance(t, Remainder):
+        return (t.target, t.terms)
+    return ()

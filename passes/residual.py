@@ -1,0 +1,385 @@
+"""Residual analysis: find encoder, residual stream, blocks and decoder from the graph alone.
+
+No per-architecture adapter: the stream is read off the data-flow graph.
+
+1. Keep the nodes whose values depend on the token values (`dependence.value_dependent`).
+2. The nodes every token-to-logits path passes through are the dominators of the logits node;
+   they form a chain ids → … → logits.
+3. A chain node `add(p, b)` whose one operand `p` is its predecessor on the chain and whose other
+   operand `b` is computed from `p` is a residual connection: `p` is the stream node h_s and `b`
+   the residual branch. Between one residual add and the next stream node only identity-like ops
+   (casts, eval dropouts) may stand.
+4. A branch that is itself a sum of terms each computed from h_s (GPT-NeoX's parallel attention
+   and MLP) splits into one block per term, when the terms come from different modules.
+5. A block's subgraph is every node between its stream node and its output. Its name comes from
+   `nn_module_stack`: the child module, under the nodes' common module path, that holds most of
+   the block's parameters (`h.3.attn`, `layers.3.mlp`).
+
+The result is a `jetfx.structure.ResidualStructure`; each node also gets `node.meta["jetfx"]`
+saying its role (encoder, stream, block, side, decoder).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+
+import networkx as nx
+import torch
+from torch import fx
+
+from jetfx.errors import StructureError
+from jetfx.structure import Block, Decoder, Encoder, ResidualStructure, Step
+
+from ._graph import aten, first_output_value, is_identity_like, is_residual_add, module_path, val
+from .dependence import value_dependent
+
+ATTENTION_OPS = {
+    aten.scaled_dot_product_attention.default,
+    aten._softmax.default,
+    aten.softmax.int,
+    aten._safe_softmax.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_flash_attention.default,
+}
+MATMUL_OPS = {aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+# Ops linear in their (single) stream-dependent tensor argument, when the other tensor arguments
+# are constants. Used to tell linear blocks (linear residual networks) from the rest.
+_LINEAR_SHAPE_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.flatten.using_ints,
+    aten.unflatten.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+    aten.neg.default, aten.sum.dim_IntList, aten.mean.dim, aten.repeat.default, aten.index_select.default,
+    aten.index.Tensor, operator.getitem,
+}
+_SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+
+
+def _dep_args(node: fx.Node, dep: set[fx.Node]) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a in dep]
+
+
+def _is_linear_op(node: fx.Node, dep: set[fx.Node]) -> bool:
+    """Linear (not merely affine) in its stream-dependent argument."""
+    if node.op != "call_function":
+        return False
+    deps = _dep_args(node, dep)
+    if is_identity_like(node) or node.target in _LINEAR_SHAPE_OPS:
+        return node.target is not aten.index.Tensor or (bool(deps) and deps[0] is node.args[0])
+    if node.target is aten.cat.default:
+        return True  # only linear if all parts are; checked by the caller walking every node
+    if node.target in _SCALE_OPS:
+        if node.target in (aten.div.Tensor, aten.div.Scalar):
+            return len(deps) == 1 and node.args[0] is deps[0]
+        return len(deps) == 1
+    if node.target in (aten.linear.default,):
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return len(deps) == 1 and node.args[0] is deps[0] and bias is None
+    if node.target in (aten.mm.default, aten.matmul.default, aten.bmm.default):
+        return len(deps) == 1
+    if node.target in (aten.add.Tensor, aten.sub.Tensor):
+        # sum of two stream-dependent linear parts is linear; adding a constant is not
+        return len([a for a in node.args[:2] if isinstance(a, fx.Node) and a in dep]) == 2
+    return False
+
+
+def _fetch_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _dominator_chain(G: nx.DiGraph, source: fx.Node, sink: fx.Node) -> list[fx.Node]:
+    idom = nx.immediate_dominators(G, source)
+    chain = [sink]
+    node = sink
+    while node is not source:
+        parent = idom.get(node)
+        if parent is None or parent is node:
+            break
+        chain.append(parent)
+        node = parent
+    chain.reverse()
+    return chain
+
+
+def _summands(node: fx.Node, stream: fx.Node, dep: set[fx.Node], G: nx.DiGraph) -> list[fx.Node]:
+    """Split a branch output that is a sum of stream-dependent terms (parallel residual)."""
+    if is_residual_add(node) and len(node.users) == 1:
+        a, b = node.args[0], node.args[1]
+        if a in dep and b in dep and a is not stream and b is not stream:
+            return _summands(a, stream, dep, G) + _summands(b, stream, dep, G)
+    return [node]
+
+
+def _region(G: nx.DiGraph, stream: fx.Node, out: fx.Node, after_stream: set[fx.Node]) -> set[fx.Node]:
+    return (nx.ancestors(G, out) & after_stream) | {out}
+
+
+def _short_name(qualname: str) -> str:
+    parts = qualname.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit() and i >= 1:
+            return ".".join(parts[i - 1 :])
+    return qualname
+
+
+class _Namer:
+    """Names blocks after the module (under the common module path) holding most parameters."""
+
+    def __init__(self, gm: fx.GraphModule, strip_prefix: str):
+        self.gm = gm
+        self.strip = strip_prefix
+
+    def path(self, node: fx.Node) -> str | None:
+        p = module_path(node)
+        if p is None:
+            return None
+        if self.strip and (p == self.strip.rstrip(".") or p.startswith(self.strip)):
+            p = p[len(self.strip) :] if p.startswith(self.strip) else ""
+        return p
+
+    def qualname(self, region: set[fx.Node]) -> str:
+        paths = [(n, self.path(n)) for n in region]
+        paths = [(n, p) for n, p in paths if p is not None]
+        if not paths:
+            return ""
+        split = [p.split(".") if p else [] for _, p in paths]
+        common: list[str] = []
+        for parts in zip(*split):
+            if all(x == parts[0] for x in parts):
+                common.append(parts[0])
+            else:
+                break
+        scores: dict[str, float] = {}
+        for (n, _), parts in zip(paths, split):
+            if len(parts) <= len(common):
+                continue
+            child = parts[len(common)]
+            weight = 0.0
+            for a in n.all_input_nodes:
+                if a.op == "get_attr":
+                    try:
+                        t = _fetch_attr(self.gm, a.target)
+                        weight += t.numel() if isinstance(t, torch.Tensor) else 0
+                    except AttributeError:
+                        pass
+            scores[child] = scores.get(child, 0.0) + weight + 1e-3  # node count breaks ties
+        if scores:
+            common = common + [max(scores, key=scores.get)]
+        return ".".join(common)
+
+
+def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, strip_prefix: str = "") -> ResidualStructure:
+    """Analyse `gm` (an exported ATen graph from tokens to logits) and annotate its nodes.
+
+    `strip_prefix` is removed from module paths when naming blocks (the wrapper jetfx puts
+    around Hugging Face models is called `model`).
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        raise StructureError("the graph has no input: expected a token-id placeholder")
+    source = next((p for p in placeholders if p.name == token_input), placeholders[0])
+    try:
+        logits = first_output_value(graph)
+    except ValueError as e:
+        raise StructureError(f"the graph has no tensor output to expand ({e})") from None
+
+    dep = value_dependent(graph, source)
+    if logits not in dep:
+        raise StructureError(
+            "the output of the graph does not depend on the values of the token input "
+            f"'{source.name}', so there is no residual computation to expand"
+        )
+    G = nx.DiGraph()
+    G.add_nodes_from(dep)
+    for n in dep:
+        for u in n.users:
+            if u in dep:
+                G.add_edge(n, u)
+
+    chain = _dominator_chain(G, source, logits)
+    position = {n: i for i, n in enumerate(chain)}
+
+    residual = []  # (add node, skip operand = stream node, branch output)
+    for i, n in enumerate(chain[1:], start=1):
+        if not is_residual_add(n):
+            continue
+        prev = chain[i - 1]
+        a, b = n.args[0], n.args[1]
+        if a is prev and b is not prev and b in dep:
+            residual.append((n, a, b))
+        elif b is prev and a is not prev and a in dep:
+            residual.append((n, b, a))
+    if not residual:
+        raise StructureError(
+            "no residual stream found: on the path from the tokens to the logits there is no "
+            "`add` whose one operand is the stream and whose other is computed from it. jetfx "
+            "expands residual networks h_{l+1} = h_l + γ(h_l); check that the model has skip "
+            "connections (a plain MLP or a model without them cannot be jet-expanded)"
+        )
+
+    # Between a residual add and the next stream node only identity-like ops may stand.
+    for (r, _, _), (_, skip, _) in zip(residual, residual[1:]):
+        for n in chain[position[r] + 1 : position[skip] + 1]:
+            if not is_identity_like(n):
+                raise StructureError(
+                    f"the residual stream is transformed between two residual additions by "
+                    f"'{n.name}' ({n.target}, in module {module_path(n) or '?'}); jetfx needs "
+                    "h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
+                )
+
+    namer = _Namer(gm, strip_prefix)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    steps: list[Step] = []
+    region_nodes: set[fx.Node] = set()
+    used_names: dict[str, int] = {}
+    block_index = 0
+    for s, (r, skip, branch) in enumerate(residual):
+        after = nx.descendants(G, skip)
+        outs = _summands(branch, skip, dep, G)
+        regions = [_region(G, skip, o, after) for o in outs]
+        names = [namer.qualname(reg) for reg in regions]
+        if len(outs) > 1 and len(set(names)) < len(names):
+            outs, regions = [branch], [_region(G, skip, branch, after)]
+            names = [namer.qualname(regions[0])]
+        triples = sorted(zip(outs, regions, names), key=lambda t: order[t[0]])
+        blocks = []
+        for out, reg, qual in triples:
+            for n in reg:
+                for a in n.all_input_nodes:
+                    if a in dep and a not in reg and a is not skip:
+                        warnings.warn(
+                            f"block output '{out.name}' reads '{a.name}', which is computed from "
+                            "the tokens but is not its stream input; jets treat it as a constant",
+                            stacklevel=2,
+                        )
+            kind = _kind(reg, dep)
+            short = _short_name(qual) if qual else f"block{block_index}"
+            if short in used_names:
+                used_names[short] += 1
+                short = qual if qual and qual not in used_names else f"{short}#{used_names[short]}"
+            used_names.setdefault(short, 0)
+            ordered = tuple(n.name for n in graph.nodes if n in reg)
+            linear = all(_is_linear_op(n, dep) for n in reg)
+            blocks.append(
+                Block(name=short, qualname=qual or short, kind=kind, index=block_index, step=s,
+                      input=skip.name, output=out.name, nodes=ordered, linear=linear)
+            )
+            block_index += 1
+            region_nodes |= reg
+        steps.append(Step(index=s, input=skip.name, output=r.name, blocks=tuple(blocks)))
+
+    h0 = residual[0][1]
+    enc_nodes = (nx.ancestors(G, h0) | {h0}) - {source}
+    encoder = Encoder(
+        input=source.name,
+        output=h0.name,
+        nodes=tuple(n.name for n in graph.nodes if n in enc_nodes),
+        linear=all(n.target is aten.embedding.default or is_identity_like(n) or n.target in (aten.view.default, aten.reshape.default) for n in enc_nodes),
+    )
+
+    last = residual[-1][0]
+    dec_nodes = (nx.descendants(G, last) & (nx.ancestors(G, logits) | {logits}))
+    decoder = _decoder(gm, last, logits, dec_nodes, dep, graph)
+
+    side = set()
+    for n in region_nodes | dec_nodes:
+        for a in n.all_input_nodes:
+            if a not in dep and a.op not in ("get_attr",):
+                side.add(a)
+    structure = ResidualStructure(
+        encoder=encoder,
+        steps=tuple(steps),
+        decoder=decoder,
+        side_inputs=tuple(n.name for n in graph.nodes if n in side),
+    )
+    _annotate(graph, structure, dep)
+    return structure
+
+
+def _kind(region: set[fx.Node], dep: set[fx.Node]) -> str:
+    matmuls = 0
+    for n in region:
+        if n.op != "call_function":
+            continue
+        if n.target in ATTENTION_OPS:
+            return "attn"
+        if n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default) and len(_dep_args(n, dep)) >= 2:
+            return "attn"  # a product of two stream-dependent tensors: query-key scores
+        if n.target in MATMUL_OPS:
+            matmuls += 1
+    nonlinear = any(n.op == "call_function" and not _is_linear_op(n, dep) and n.target not in MATMUL_OPS for n in region)
+    return "mlp" if matmuls >= 2 and nonlinear else "other"
+
+
+def _decoder(gm, h_last: fx.Node, logits: fx.Node, nodes: set[fx.Node], dep, graph) -> Decoder:
+    vocab = None
+    v = val(logits)
+    if isinstance(v, torch.Tensor) and v.dim() >= 1:
+        vocab = v.shape[-1]
+    unembedding = None
+    norm_output = None
+    node = logits
+    # Walk back over a linear tail (views, slices, casts) to the unembedding matmul.
+    while node in nodes and node is not h_last:
+        if node.op == "call_function" and node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
+            weight = node.args[1]
+            bias = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 else None
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and bias is None:
+                t = _fetch_attr(gm, weight.target)
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and vocab is not None and vocab in tuple(t.shape):
+                    unembedding = weight.target
+                    norm_output = node.args[0].name if isinstance(node.args[0], fx.Node) else None
+            break
+        if is_identity_like(node) or node.target in _LINEAR_SHAPE_OPS:
+            node = node.args[0]
+            continue
+        break
+    # The final norm is everything before U; the decoder "has a norm" unless that part is linear.
+    if norm_output is not None:
+        pre = {n for n in nodes if n.name == norm_output}
+        frontier = list(pre)
+        while frontier:
+            n = frontier.pop()
+            for a in n.all_input_nodes:
+                if a in nodes and a not in pre:
+                    pre.add(a)
+                    frontier.append(a)
+        has_norm = not all(_is_linear_op(n, dep) for n in pre)
+    else:
+        has_norm = not all(_is_linear_op(n, dep) for n in nodes)
+    return Decoder(
+        input=h_last.name,
+        output=logits.name,
+        nodes=tuple(n.name for n in graph.nodes if n in nodes),
+        has_norm=has_norm,
+        unembedding=unembedding,
+        norm_output=norm_output,
+    )
+
+
+def _annotate(graph: fx.Graph, structure: ResidualStructure, dep: set[fx.Node]) -> None:
+    roles: dict[str, dict] = {}
+    for name in structure.encoder.nodes:
+        roles[name] = {"role": "encoder"}
+    for b in structure.blocks:
+        for name in b.nodes:
+            entry = roles.setdefault(name, {"role": "block", "blocks": []})
+            if entry["role"] == "block":
+                entry["blocks"].append(b.name)
+    for name in structure.decoder.nodes:
+        roles[name] = {"role": "decoder"}
+    for i, name in enumerate(structure.stream):
+        roles[name] = {"role": "stream", "index": i}
+    for name in structure.side_inputs:
+        roles[name] = {"role": "side"}
+    for n in graph.nodes:
+        if n.name in roles:
+            n.meta["jetfx"] = roles[n.name]
+        elif n in dep:
+            n.meta["jetfx"] = {"role": "residual"}
