@@ -7,7 +7,7 @@
 See README.md for a tour.
 """
 
-from . import paths
+from . import functions, jets, paths
 from .errors import ExpansionError, InputError, JetfxError, MissingDependencyError, StructureError, TraceError
 from .expanded import ExpandedModule, ExpansionOutput
 from .expansion import JetExpansion, branch, constant, encoder, expand, exponential, jet_expand, stream

@@ -11,6 +11,7 @@ computed once. Nothing here computes anything: see `jetfx.passes.materialize` fo
 
 from __future__ import annotations
 
+from functools import cached_property
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +56,7 @@ class Stream(Terms):
     label: str = ""
     space: str = STREAM
 
-    @property
+    @cached_property
     def names(self):
         return (self.label or (ENCODER if self.index == 0 else f"h{self.index}"),)
 
@@ -67,7 +68,7 @@ class Branch(Terms):
     block: Block
     space: str = STREAM
 
-    @property
+    @cached_property
     def names(self):
         return (self.block.name,)
 
@@ -78,7 +79,7 @@ class Logits(Terms):
 
     space: str = LOGITS
 
-    @property
+    @cached_property
     def names(self):
         return ("logits",)
 
@@ -91,7 +92,7 @@ class Constant(Terms):
     labels: tuple[str, ...]
     space: str = STREAM
 
-    @property
+    @cached_property
     def names(self):
         return self.labels
 
@@ -100,7 +101,7 @@ class Constant(Terms):
 class Concat(Terms):
     parts: tuple[Terms, ...]
 
-    @property
+    @cached_property
     def names(self):
         return tuple(n for p in self.parts for n in p.names)
 
@@ -114,7 +115,7 @@ class Select(Terms):
     source: Terms
     indices: tuple[int, ...]
 
-    @property
+    @cached_property
     def names(self):
         return tuple(self.source.names[i] for i in self.indices)
 
@@ -131,7 +132,7 @@ class Scaled(Terms):
     weights: tuple[float, ...]
     weight_symbols: tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def names(self):
         return self.source.names
 
@@ -159,7 +160,7 @@ class Jet(Terms):
     name_style: str = "path"  # "path": center>block; "center": keep the center's name
     space: str = field(default=STREAM)
 
-    @property
+    @cached_property
     def names(self):
         out = []
         for i, j in self.pairs:
@@ -180,7 +181,7 @@ class Remainder(Terms):
     terms: Terms
     space: str = STREAM
 
-    @property
+    @cached_property
     def names(self):
         return ("remainder",)
 

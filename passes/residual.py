@@ -168,8 +168,10 @@ class _Namer:
                     except AttributeError:
                         pass
             scores[child] = scores.get(child, 0.0) + weight + 1e-3  # node count breaks ties
-        if scores:
-            common = common + [max(scores, key=scores.get)]
+        best = max(scores, key=scores.get) if scores else None
+        # a block spanning several children of a Sequential/ModuleList is named after the container
+        if best is not None and not (best.isdigit() and len(scores) > 1):
+            common = common + [best]
         return ".".join(common)
 
 

@@ -1,0 +1,80 @@
+"""Pictures of the residual computation: the path graph (and a selected path set) as SVG.
+
+Rendering goes through graphviz's `dot` program; a missing `dot` gets a message saying how to
+install it. Blocks are labelled with their name and kind and colored by kind; edges used by the
+selected paths are drawn bold and colored, the others faint.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from .errors import MissingDependencyError
+
+KIND_COLORS = {"attn": "#d6e6f5", "mlp": "#fde2cf", "other": "#e6e6e6", "encoder": "#d9f0d3", "decoder": "#e7d4e8"}
+HIGHLIGHT = "#c0392b"
+
+
+def _require_dot() -> None:
+    if shutil.which("dot") is None:
+        raise MissingDependencyError("rendering needs graphviz's `dot` program: apt-get install graphviz "
+                                     "(Debian/Ubuntu), brew install graphviz (macOS), or conda install graphviz")
+
+
+def path_graph_dot(graph, selected=None, *, max_skip_edges: int = 400, title: str | None = None):
+    """A graphviz.Digraph of the path graph; `selected` paths (Path objects or names) highlighted."""
+    import graphviz
+
+    from .paths import DECODER, ENCODER, parse_path
+
+    structure = graph.structure
+    used_edges: set[tuple[str, str]] = set()
+    used_nodes: set[str] = set()
+    n_selected = 0
+    for p in selected or ():
+        blocks = parse_path(p)
+        chain = (ENCODER, *blocks, DECODER)
+        used_nodes.update(chain)
+        used_edges.update(zip(chain, chain[1:]))
+        n_selected += 1
+    dot = graphviz.Digraph("paths", graph_attr={"rankdir": "LR", "fontname": "Helvetica", "splines": "true",
+                                                "nodesep": "0.15", "ranksep": "0.35"},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "10"},
+                           edge_attr={"arrowsize": "0.5"})
+    label = title or f"{structure.num_blocks} blocks, {graph.count():,} paths"
+    if n_selected:
+        label += f"; {n_selected} selected"
+    dot.attr(label=label, labelloc="t", fontsize="12")
+    dot.node(ENCODER, "embed\n(encoder η)", fillcolor=KIND_COLORS["encoder"],
+             penwidth="2" if ENCODER in used_nodes else "1")
+    for step in structure.steps:
+        with dot.subgraph(name=f"step{step.index}") as s:
+            s.attr(rank="same")
+            for b in step.blocks:
+                s.node(b.name, f"{b.name}\n{b.kind}", fillcolor=KIND_COLORS.get(b.kind, KIND_COLORS["other"]),
+                       color=HIGHLIGHT if b.name in used_nodes else "#555555",
+                       penwidth="2" if b.name in used_nodes else "1")
+    dot.node(DECODER, "logits\n(decoder υ)", fillcolor=KIND_COLORS["decoder"],
+             penwidth="2" if DECODER in used_nodes else "1")
+    edges = list(graph.graph.edges)
+    # long skip edges make big models unreadable: draw the residual chain, plus skips if few
+    chain = [ENCODER, *[b.name for step in structure.steps for b in step.blocks], DECODER]
+    consecutive = set(zip(chain, chain[1:]))
+    draw_skips = len(edges) <= max_skip_edges
+    for u, v in edges:
+        used = (u, v) in used_edges
+        if used:
+            dot.edge(u, v, color=HIGHLIGHT, penwidth="2")
+        elif (u, v) in consecutive or draw_skips:
+            dot.edge(u, v, color="#bbbbbb" if (u, v) not in consecutive else "#777777")
+    return dot
+
+
+def render_path_graph(graph, selected=None, *, path: str | None = None, **kw) -> str:
+    """SVG text of the path graph; written to `path` if given."""
+    _require_dot()
+    svg = path_graph_dot(graph, selected, **kw).pipe(format="svg").decode("utf-8")
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(svg)
+    return svg
