@@ -82,10 +82,13 @@ def _convert_builtin(name: str, target: Path, progress: bool) -> None:
 def _load_folder(folder: str, dtype, device, name: str | None = None):
     import transformers
 
+    if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "config.json")):
+        raise InputError(f"could not load a causal LM from {folder!r}: it has no config.json (a Hugging Face "
+                         "model folder has config.json, weights and tokenizer files)")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise InputError(f"could not load a causal LM from {folder!r}: {str(e).splitlines()[0]}") from None
     if name:
         model.config.name_or_path = name

@@ -1,0 +1,191 @@
+"""The `jetfx` command.
+
+    jetfx demo                       the main job on the built-in model, outputs in out/
+    jetfx trace   [--model M]        residual structure and path count
+    jetfx paths   [--max-blocks N] [--kinds mlp] [--through PAT] [--svg F]
+    jetfx expand  --text "..." --k 1 [path filters] [--export F]
+    jetfx lens    --text "..." --k 1 [--joint] --out DIR
+    jetfx ngrams  --path embed --drop-self ;  jetfx diff A B ;  jetfx mass
+
+`--model` defaults to the built-in `smollm2-135m` (offline; converted once, then cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_TEXT = "The capital of France is"
+
+
+def _model_args(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, folder or hub name (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
+
+
+def _filter_args(p):
+    p.add_argument("--max-blocks", type=int, default=None, help="paths through at most N blocks")
+    p.add_argument("--kinds", nargs="*", default=None, help="only blocks of these kinds (attn, mlp, other)")
+    p.add_argument("--through", nargs="*", default=None, help="paths through blocks matching each pattern (h.3.*)")
+    p.add_argument("--avoid", nargs="*", default=None, help="paths avoiding blocks matching the patterns")
+    p.add_argument("--path", nargs="*", default=None, help="exactly these paths ('embed', 'h.0.attn>h.2.mlp')")
+
+
+def _filter(args):
+    from . import paths as P
+
+    f = P.all_paths()
+    if args.max_blocks is not None:
+        f = f & P.max_blocks(args.max_blocks)
+    if args.kinds:
+        f = f & P.only_kinds(*args.kinds)
+    if args.through:
+        f = f & P.through(*args.through)
+    if args.avoid:
+        f = f & P.avoid(*args.avoid)
+    if args.path:
+        f = f & P.paths(*args.path)
+    return f
+
+
+def _load_and_trace(args, text: str | None = None):
+    import jetfx
+
+    model, tokenizer = jetfx.load(args.model, device=args.device)
+    return model, tokenizer, jetfx.trace(model, text or DEFAULT_TEXT, tokenizer=tokenizer)
+
+
+def cmd_trace(args) -> int:
+    _, _, gm = _load_and_trace(args)
+    info = gm.jetfx
+    print(f"{info.model_name} ({info.architecture}): vocabulary {info.vocab_size}, context {info.max_length}, "
+          f"tied embeddings: {info.tied_embeddings}; traced graph {len(gm.graph.nodes)} nodes, "
+          f"|traced − eager| = {info.max_abs_error:.2g}")
+    print(gm.residual)
+    return 0
+
+
+def cmd_paths(args) -> int:
+    import jetfx
+
+    _, _, gm = _load_and_trace(args)
+    graph = jetfx.path_graph(gm)
+    f = _filter(args)
+    n = graph.count(f)
+    print(f"{graph.count():,} paths in all; the filter {f!r} selects {n:,}")
+    for i, p in enumerate(graph.iter_paths(f)):
+        if i >= args.limit:
+            print(f"… ({n - args.limit:,} more; --limit to show more)")
+            break
+        print(" ", p.name)
+    if args.svg:
+        selected = list(graph.iter_paths(f)) if n <= 2000 else None
+        graph.render(selected=selected, path=args.svg)
+        print(f"wrote {args.svg}")
+    return 0
+
+
+def cmd_expand(args) -> int:
+    import torch
+
+    import jetfx
+
+    _, tokenizer, gm = _load_and_trace(args, args.text)
+    t = time.time()
+    ex = jetfx.expand(gm, k=args.k, paths=_filter(args), max_paths=args.max_paths, jets=args.jets)
+    compile_s = time.time() - t
+    ids = jetfx.tracing.as_tokens(args.text, tokenizer).to(args.device)
+    t = time.time()
+    with torch.no_grad():
+        out = ex(ids)
+    run_s = time.time() - t
+    print(f"k={args.k}: {len(out.names)} paths compiled in {compile_s:.1f} s, run in {run_s:.2f} s; "
+          f"max |Σ paths + remainder − logits| = {out.max_error():.2e}")
+    last = out.stacked[:, 0, -1]
+    norms = last.norm(dim=-1)
+    order = norms.argsort(descending=True)[: args.show]
+    print(f"paths by the norm of their logits at the last position ({args.text!r}):")
+    for i in order.tolist():
+        top = int(last[i].argmax())
+        print(f"  {out.names[i]:<50} |logits| {norms[i]:9.3f}  top token {tokenizer.decode([top])!r}")
+    r = out.remainder[0, -1]
+    print(f"  {'remainder':<50} |logits| {r.norm():9.3f}  top token {tokenizer.decode([int(r.argmax())])!r}")
+    if args.export:
+        from .export import export
+
+        export(ex, args.export)
+        print(f"wrote {args.export}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, model=args.model, device=args.device, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jetfx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job on the built-in model: structure, expansion, pictures, lens, bigrams")
+    _model_args(p)
+    p.add_argument("--out", default="out", help="output folder (default out/)")
+    p.add_argument("--quick", action="store_true", help="skip the slower steps (full-vocabulary bigrams)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("trace", help="trace a model and print its residual structure")
+    _model_args(p)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("paths", help="count, list and draw the paths of the exponential expansion")
+    _model_args(p)
+    _filter_args(p)
+    p.add_argument("--limit", type=int, default=40, help="list at most this many paths")
+    p.add_argument("--svg", default=None, help="write the path graph (selection highlighted) to this SVG file")
+    p.set_defaults(func=cmd_paths)
+
+    p = sub.add_parser("expand", help="compile a jet expansion, run it on a text, check exactness")
+    _model_args(p)
+    _filter_args(p)
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--k", type=int, default=1, help="jet order (default 1)")
+    p.add_argument("--max-paths", type=int, default=512)
+    p.add_argument("--jets", choices=("auto", "taylor", "nested"), default="auto")
+    p.add_argument("--show", type=int, default=12, help="print the N largest paths")
+    p.add_argument("--export", default=None, help="save the expanded module to this file (.jetfx.zip)")
+    p.set_defaults(func=cmd_expand)
+
+    for name in ("cli_lens", "cli_ngrams"):
+        try:
+            mod = __import__(f"jetfx.{name}", fromlist=["x"])
+        except ImportError:  # pragma: no cover
+            continue
+        (mod.add_parser if hasattr(mod, "add_parser") else mod.add_parsers)(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .errors import JetfxError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except JetfxError as e:
+        print(f"jetfx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jetfx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
