@@ -66,10 +66,19 @@ def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:
             raise KeyError(f"no nodes named {missing} in the traced graph")
         g.output(tuple(env[by_name[n]] for n in names))
         probe = fx.GraphModule(gm, g, class_name="Probe")
-        probe.graph.eliminate_dead_code()
+        probe.graph.eliminate_dead_code(is_impure_node=_keeps_running)
         probe.recompile()
         cache[key] = probe
     return cache[key]
+
+
+def _keeps_running(node: fx.Node) -> bool:
+    """Impure for dead-code elimination: real side effects only. (torch marks fused attention
+    impure for its dropout RNG, which would keep the whole model alive in every probe.)"""
+    if node.op == "call_function" and getattr(node.target, "_schema", None) is not None:
+        if "scaled_dot_product" in str(node.target) or "dropout" in str(node.target):
+            return False
+    return node.is_impure()
 
 
 def capture(gm: fx.GraphModule, tokens, names) -> dict:
