@@ -10,6 +10,7 @@ See README.md for a tour.
 from . import functions, jets, paths
 from .errors import ExpansionError, InputError, JetfxError, MissingDependencyError, StructureError, TraceError
 from .expanded import ExpandedModule, ExpansionOutput
+from .export import export, load_expanded  # noqa: E402  (rebinds jetfx.export to the function)
 from .expansion import JetExpansion, branch, constant, encoder, expand, exponential, jet_expand, stream
 from .jets import jet, jet_coefficients
 from .paths import Path, PathGraph
@@ -35,5 +36,5 @@ __all__ = [
     "ExpandedModule", "ExpansionError", "ExpansionOutput", "InputError", "JetExpansion", "JetfxError",
     "MissingDependencyError", "Path", "PathGraph", "ResidualStructure", "StructureError", "TraceError",
     "branch", "constant", "encoder", "expand", "exponential", "info_of", "jet", "jet_coefficients",
-    "jet_expand", "load", "path_graph", "paths", "residual_of", "stream", "trace",
+    "export", "jet_expand", "load", "load_expanded", "path_graph", "paths", "residual_of", "stream", "trace",
 ]
