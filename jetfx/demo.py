@@ -10,6 +10,7 @@ what was written and how long each step took.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,8 +98,12 @@ def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cp
         note["text"] = f"{len(out.names)} terms, exact to {err:.1e}; top term {table[0]['term']}"
 
     with steps.step("render the path graph") as note:
-        svg = ex.render(str(out_dir / "paths.svg"))
-        note["text"] = f"paths.svg ({len(svg) // 1024} KiB)"
+        if shutil.which("dot") is None:
+            note["text"] = "skipped: graphviz's `dot` is not installed (apt-get install graphviz)"
+            print(note["text"])
+        else:
+            svg = ex.render(str(out_dir / "paths.svg"))
+            note["text"] = f"paths.svg ({len(svg) // 1024} KiB)"
 
     with steps.step("export the expanded module") as note:
         from .export import export, load_expanded
@@ -130,7 +135,7 @@ def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cp
             with NgramDB(out_dir / "ngrams.sqlite") as db:
                 tied = gm.jetfx.tied_embeddings
                 rows = {}
-                for path in ("embed", "layers.2.mlp"):
+                for path in ("embed", "layers.0.mlp"):
                     if path != "embed" and path not in {b.name for b in structure.blocks}:
                         continue
                     run_id, _ = extract(db, gm, path, top_k=200, drop_self=bool(tied))
