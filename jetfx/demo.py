@@ -135,7 +135,7 @@ def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cp
             with NgramDB(out_dir / "ngrams.sqlite") as db:
                 tied = gm.jetfx.tied_embeddings
                 rows = {}
-                for path in ("embed", "layers.0.mlp"):
+                for path in ("embed", "layers.21.mlp"):
                     if path != "embed" and path not in {b.name for b in structure.blocks}:
                         continue
                     run_id, _ = extract(db, gm, path, top_k=200, drop_self=bool(tied))
