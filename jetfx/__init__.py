@@ -7,7 +7,7 @@
 See README.md for a tour.
 """
 
-from . import functions, jets, paths
+from . import functions, jets, paths  # noqa: F401  (jetfx.functions, jetfx.jets as attributes)
 from .errors import ExpansionError, InputError, JetfxError, MissingDependencyError, StructureError, TraceError
 from .expanded import ExpandedModule, ExpansionOutput
 from .export import export, load_expanded  # noqa: E402  (rebinds jetfx.export to the function)

@@ -13,10 +13,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TEXT = "The capital of France is"

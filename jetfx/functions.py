@@ -8,9 +8,12 @@ the values of the named nodes (stream nodes, block outputs, side inputs).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import fx
 
-from .passes._graph import first_output_value
+from .passes._graph import fetch_attr, first_output_value, nodes_by_name
 from .passes.decompose import decompose_for_jets
 from .passes.regions import Region, extract_region
 from .structure import Block
@@ -51,6 +54,49 @@ def decoder_region(gm: fx.GraphModule) -> Region:
     return cache[key]
 
 
+@dataclass(frozen=True)
+class DecoderSplit:
+    """υ = U ∘ γ_{L+1} split at U: `norm` maps the last stream node to U's input (in d-space),
+    `unembedding` is U as a (V, d) view of the model's parameter. Jets of υ are U·(jets of norm)."""
+
+    norm: Region
+    unembedding: torch.Tensor
+
+
+def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
+    """The decoder split at its unembedding, or None when it does not end in a linear map."""
+    key = ("decoder-split",)
+    cache = _cache(gm)
+    if key in cache:
+        return cache[key]
+    d = residual_of(gm).decoder
+    result = None
+    if d.unembedding is not None and d.norm_output is not None:
+        by_name = nodes_by_name(gm.graph)
+        allowed = set(d.nodes)
+        # the node applying U: linear(norm, W) stores U as (V, d); mm/matmul(norm, W) as (d, V)
+        applies = [n for n in gm.graph.nodes if n.name in allowed and n.op == "call_function" and n.args
+                   and getattr(n.args[0], "name", None) == d.norm_output and len(n.args) > 1
+                   and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
+                   and n.args[1].target == d.unembedding]
+        if applies:
+            weight = fetch_attr(gm, d.unembedding).detach()
+            if "linear" not in str(applies[0].target):
+                weight = weight.t()
+            keep, frontier = {d.norm_output}, [by_name[d.norm_output]]
+            while frontier:  # the decoder's nodes that U's input depends on
+                n = frontier.pop()
+                for a in n.all_input_nodes:
+                    if a.name in allowed and a.name not in keep and a.name != d.input:
+                        keep.add(a.name)
+                        frontier.append(a)
+            region = extract_region(gm, d.input, d.norm_output, [name for name in d.nodes if name in keep])
+            decompose_for_jets(region.module)
+            result = DecoderSplit(region, weight)
+    cache[key] = result
+    return result
+
+
 def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:
     """A copy of the traced graph that returns the values of the nodes `names` (a tuple)."""
     key = ("probe", names)
@@ -58,8 +104,7 @@ def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:
     if key not in cache:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        out = g.graph_copy(gm.graph, env)
-        del out
+        g.graph_copy(gm.graph, env)
         by_name = {n.name: n for n in gm.graph.nodes}
         missing = [n for n in names if n not in by_name]
         if missing:

@@ -52,8 +52,7 @@ class _Decoder:
     """γ_{L+1} as a region module in d-space and U as a function (or the whole decoder)."""
 
     region: Any  # passes.regions.Region: f(x, *side)
-    weight: torch.Tensor | None  # U as stored in the graph (None: no split, jets of the whole υ)
-    transposed: bool  # the graph computes x @ W (mm), not linear(x, W) = x @ Wᵀ
+    weight: torch.Tensor | None  # U as (V, d) (None: no split, jets of the whole υ)
     has_norm: bool
 
     @property
@@ -63,61 +62,24 @@ class _Decoder:
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             return x
-        w = self.weight.detach().to(x.dtype)
-        return x @ w if self.transposed else x @ w.t()
+        return x @ self.weight.to(x.dtype).t()
 
     def gram(self, dtype=torch.float64) -> torch.Tensor | None:
         """G = UᵀU (d × d), the metric of logit space pulled back to the stream."""
         if self.weight is None:
             return None
-        w = self.weight.detach().to(dtype)
-        return w @ w.t() if self.transposed else w.t() @ w
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+        w = self.weight.to(dtype)
+        return w.t() @ w
 
 
 def _decoder(gm: fx.GraphModule) -> _Decoder:
-    from .functions import _cache, decoder_region
-    from .passes.decompose import decompose_for_jets
-    from .passes.regions import extract_region
+    from .functions import decoder_region, split_decoder
 
-    cache = _cache(gm)
-    if ("lens_decoder",) in cache:
-        return cache[("lens_decoder",)]
-    d = residual_of(gm).decoder
-    result = None
-    if d.unembedding is not None and d.norm_output is not None:
-        by_name = {n.name: n for n in gm.graph.nodes}
-        allowed = set(d.nodes)
-        pre = {d.norm_output}
-        frontier = [by_name[d.norm_output]]
-        while frontier:
-            n = frontier.pop()
-            for a in n.all_input_nodes:
-                if a.name in allowed and a.name not in pre and a.name != d.input:
-                    pre.add(a.name)
-                    frontier.append(a)
-        # the node applying U: linear(norm, W) or mm/matmul(norm, W)
-        transposed = None
-        for n in gm.graph.nodes:
-            if n.name in allowed and n.op == "call_function" and n.args and getattr(n.args[0], "name", None) == d.norm_output:
-                w = n.args[1] if len(n.args) > 1 else None
-                if isinstance(w, fx.Node) and w.op == "get_attr" and w.target == d.unembedding:
-                    transposed = "linear" not in str(n.target)
-                    break
-        if transposed is not None:
-            region = extract_region(gm, d.input, d.norm_output, [nm for nm in d.nodes if nm in pre])
-            decompose_for_jets(region.module)
-            result = _Decoder(region, _fetch(gm, d.unembedding), transposed, d.has_norm)
-    if result is None:
-        result = _Decoder(decoder_region(gm), None, False, d.has_norm)
-    cache[("lens_decoder",)] = result
-    return result
+    has_norm = residual_of(gm).decoder.has_norm
+    split = split_decoder(gm)
+    if split is None:
+        return _Decoder(decoder_region(gm), None, has_norm)
+    return _Decoder(split.norm, split.unembedding, has_norm)
 
 
 # ---------------------------------------------------------------------------------------------

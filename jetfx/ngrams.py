@@ -27,8 +27,8 @@ import torch
 from torch import fx
 
 from .errors import ExpansionError, InputError
-from .functions import _cache, block_region, capture
-from .passes.regions import extract_region
+from .functions import block_region, capture, decoder_region, split_decoder
+from .passes._graph import fetch_attr
 from .tracing import info_of, residual_of
 
 SCORES = ("logit", "logprob")
@@ -107,34 +107,13 @@ class _Decoder:
     """υ = U ∘ γ_{L+1}, split: `norm(x)` (the region up to U's input) and the matrix W (V, d)."""
 
     def __init__(self, gm: fx.GraphModule):
-        structure = residual_of(gm)
-        d = structure.decoder
         self.vocab = info_of(gm).vocab_size
-        self.split = d.unembedding is not None and d.norm_output is not None
-        cache = _cache(gm)
-        if self.split:
-            key = ("ngram-decoder-norm",)
-            if key not in cache:
-                by_name = {n.name: n for n in gm.graph.nodes}
-                dec = set(d.nodes)
-                keep, frontier = {d.norm_output}, [by_name[d.norm_output]]
-                while frontier:
-                    n = frontier.pop()
-                    for a in n.all_input_nodes:
-                        if a.name in dec and a.name not in keep and a.name != d.input:
-                            keep.add(a.name)
-                            frontier.append(a)
-                nodes = [n for n in d.nodes if n in keep]
-                cache[key] = extract_region(gm, d.input, d.norm_output, nodes)
-            self.norm = cache[key]
-            W = _fetch(gm, d.unembedding).detach()
-            width = W.shape[1] if W.shape[0] == self.vocab else W.shape[0]
-            self.W = W if W.shape[0] == self.vocab and W.shape[1] == width else W.t()
+        split = split_decoder(gm)
+        self.split = split is not None
+        if split is not None:
+            self.norm, self.W = split.norm, split.unembedding
         else:
-            from .functions import decoder_region
-
-            self.norm = decoder_region(gm)
-            self.W = None
+            self.norm, self.W = decoder_region(gm), None
 
     def hidden(self, x: torch.Tensor, side: dict) -> torch.Tensor:
         """(N, 1, d) stream vectors → (N, d) vectors U is applied to (or logits when U is not split)."""
@@ -147,19 +126,12 @@ class _Decoder:
         return torch.matmul(hidden, self.W.t(), out=out) if out is not None else hidden @ self.W.t()
 
 
-def _fetch(mod, target: str):
-    obj = mod
-    for p in target.split("."):
-        obj = getattr(obj, p)
-    return obj
-
-
 def model_device(gm: fx.GraphModule) -> torch.device:
     for t in list(gm.parameters()) + list(gm.buffers()):
         return t.device
     structure = residual_of(gm)
     if structure.decoder.unembedding:
-        return _fetch(gm, structure.decoder.unembedding).device
+        return fetch_attr(gm, structure.decoder.unembedding).device
     return torch.device("cpu")
 
 
@@ -461,7 +433,7 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
     W = ev.decoder.W
     if prune and W is None:
         raise InputError("pruning needs a decoder ending in a linear unembedding; use prune=False")
-    device, V = ev.device, ev.vocab
+    device = ev.device
     running = RunningTopK(top_k, 3, device)
     table = NgramTable(ev.path.name, 3, score)
     stats = {"contexts": 0, "evaluated": 0}

@@ -118,7 +118,7 @@ class ResidualStructure:
         unemb = f"unembedding {self.decoder.unembedding}" if self.decoder.unembedding else "no linear unembedding"
         lines.append(f"  decoder  h_{len(self.steps)} [{self.decoder.input}] -> logits ({norm}{unemb})")
         count = self.num_paths
-        exp = "2^%d" % self.num_blocks if count == 2**self.num_blocks else f"prod(1+blocks per step)"
+        exp = "2^%d" % self.num_blocks if count == 2**self.num_blocks else "prod(1+blocks per step)"
         lines.append(f"  exponential expansion: {count} paths ({exp})")
         return "\n".join(lines)
 

@@ -130,3 +130,11 @@ def first_output_value(graph: fx.Graph) -> fx.Node:
     if not isinstance(out, fx.Node):
         raise ValueError("graph does not return a tensor")
     return out
+
+
+def fetch_attr(module: torch.nn.Module, target: str):
+    """The attribute a `get_attr` node names (a dotted path: "model.lm_head.weight")."""
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -28,7 +28,7 @@ from jetfx.errors import ExpansionError
 from jetfx.functions import block_region
 from jetfx.tracing import residual_of
 
-from ._graph import aten
+from ._graph import aten, fetch_attr
 from .regions import Region
 
 _MATMULS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default)
@@ -103,15 +103,9 @@ def analyze(gm: fx.GraphModule, block, num_heads: int | None = None) -> HeadSpli
         raise ExpansionError(f"{b.name}: projection input width {width} is not a multiple of {num_heads} heads")
     bias_t = None
     if isinstance(bias, fx.Node) and bias.op == "get_attr":
-        bias_t = _fetch(region, bias.target).detach()
+        bias_t = fetch_attr(region, bias.target).detach()
     return HeadSplit(b.name, num_heads, width // num_heads, proj.name, bias_t)
 
-
-def _fetch(mod, target):
-    obj = mod
-    for p in target.split("."):
-        obj = getattr(obj, p)
-    return obj
 
 
 class _Mask(torch.nn.Module):

@@ -22,7 +22,7 @@ from jetfx.paths import PathGraph
 from jetfx.terms import LOGITS, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, Stream, Terms, walk
 from jetfx.tracing import info_of, residual_of
 
-from ._graph import aten
+from ._graph import aten, fetch_attr
 
 
 def broadcast_center(value: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -56,7 +56,7 @@ class _Lowering:
         self.env = {old.name: new for old, new in val_map.items()}
         for n in gm.graph.nodes:
             if n.op in ("get_attr", "call_module"):
-                self.attrs[n.target] = _fetch(gm, n.target)
+                self.attrs[n.target] = fetch_attr(gm, n.target)
 
     # helpers
     def const(self, prefix: str, tensor: torch.Tensor) -> fx.Node:
@@ -137,12 +137,6 @@ class _Lowering:
             raise ExpansionError("internal: jet pairs must be grouped by block")
         return outs[0] if len(outs) == 1 else self.call(aten.cat.default, outs, 0)
 
-
-def _fetch(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", path_graph: PathGraph | None = None,

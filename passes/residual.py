@@ -31,7 +31,7 @@ from torch import fx
 from jetfx.errors import StructureError
 from jetfx.structure import Block, Decoder, Encoder, ResidualStructure, Step
 
-from ._graph import aten, first_output_value, is_identity_like, is_residual_add, module_path, val
+from ._graph import aten, fetch_attr, first_output_value, is_identity_like, is_residual_add, module_path, val
 from .dependence import value_dependent
 
 ATTENTION_OPS = {
@@ -84,12 +84,6 @@ def _is_linear_op(node: fx.Node, dep: set[fx.Node]) -> bool:
         return len([a for a in node.args[:2] if isinstance(a, fx.Node) and a in dep]) == 2
     return False
 
-
-def _fetch_attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _dominator_chain(G: nx.DiGraph, source: fx.Node, sink: fx.Node) -> list[fx.Node]:
@@ -163,7 +157,7 @@ class _Namer:
             for a in n.all_input_nodes:
                 if a.op == "get_attr":
                     try:
-                        t = _fetch_attr(self.gm, a.target)
+                        t = fetch_attr(self.gm, a.target)
                         weight += t.numel() if isinstance(t, torch.Tensor) else 0
                     except AttributeError:
                         pass
@@ -333,7 +327,7 @@ def _decoder(gm, h_last: fx.Node, logits: fx.Node, nodes: set[fx.Node], dep, gra
             weight = node.args[1]
             bias = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 else None
             if isinstance(weight, fx.Node) and weight.op == "get_attr" and bias is None:
-                t = _fetch_attr(gm, weight.target)
+                t = fetch_attr(gm, weight.target)
                 if isinstance(t, torch.Tensor) and t.dim() == 2 and vocab is not None and vocab in tuple(t.shape):
                     unembedding = weight.target
                     norm_output = node.args[0].name if isinstance(node.args[0], fx.Node) else None

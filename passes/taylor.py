@@ -525,7 +525,6 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
     B = ctx.b
     if not _is_series(inp) and not (_is_series(m1) and _is_series(m2)):
         ic = _cval(inp)
-        mm_node = type("N", (), {"target": aten.mm.default})
         if _is_series(m1):
             other = _cval(m2)
             fn = lambda c, name: B.call(aten.mm.default, (c, other), name=name)  # noqa: E731
@@ -538,7 +537,6 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
             s = B.linear(m2, fn, ctx.base, c0=c0)
         if alpha != 1:
             s = Series([s.cs[0]] + [B.scale(c, alpha, B.cname(ctx.base, j)) for j, c in enumerate(s.cs) if j > 0])
-        del mm_node
         return s
     prod = _bilinear(ctx, type("N", (), {"target": aten.mm.default}), m1, m2) if (_is_series(m1) or _is_series(m2)) else None
     if prod is None:

