@@ -31,6 +31,7 @@ import torch
 
 from .errors import InputError, JetfxError
 from .expanded import ExpandedModule, ExpansionOutput
+from .functions import device_of
 
 FORMAT = "jetfx-expanded"
 VERSION = 1
@@ -76,7 +77,7 @@ def export(ex: ExpandedModule, path: str, example_tokens: torch.Tensor | None = 
     if clash:
         raise ExportError(f"path names {sorted(clash)} clash with the reserved outputs")
     if example_tokens is None:
-        example_tokens = torch.zeros(2, 7, dtype=torch.long, device=_device(ex))
+        example_tokens = torch.zeros(2, 7, dtype=torch.long, device=device_of(ex))
     dims = {"tokens": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}}
     try:
         program = torch.export.export(_Named(ex), (example_tokens,), dynamic_shapes=dims, strict=False)
@@ -103,12 +104,6 @@ def export(ex: ExpandedModule, path: str, example_tokens: torch.Tensor | None = 
         z.writestr("manifest.json", json.dumps(manifest, indent=1))
         z.writestr("program.pt2", data)
     return path
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 @dataclass

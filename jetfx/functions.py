@@ -97,6 +97,13 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
     return result
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights live (CPU for a module without any)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:
     """A copy of the traced graph that returns the values of the nodes `names` (a tuple)."""
     key = ("probe", names)

@@ -120,9 +120,17 @@ def jet_module(region: torch.nn.Module, k: int, method: str = "auto") -> torch.n
     """A module computing J^k f at a batch of centers: forward(centers, variate, *side).
 
     `method`: "taylor" (the Taylor-mode compiler pass), "nested" (nested forward AD, the
-    reference) or "auto" (Taylor mode when available).
+    reference) or "auto" (Taylor mode when available). Built once per region, order and method
+    (compiling the Taylor graph is not free) and kept on the region module.
     """
     k = check_order(k)
+    cache = region.__dict__.setdefault("_jetfx_jet_modules", {})
+    if (k, method) not in cache:
+        cache[(k, method)] = _build_jet_module(region, k, method)
+    return cache[(k, method)]
+
+
+def _build_jet_module(region: torch.nn.Module, k: int, method: str) -> torch.nn.Module:
     if k == 0:
         return Evaluate(region)
     if method in ("auto", "taylor"):

@@ -249,8 +249,9 @@ def _tokens(gm: fx.GraphModule, tokens) -> torch.Tensor:
         raise InputError("the text is empty: give at least one word to read through the lens")
     ids = as_tokens(tokens, info.tokenizer, vocab_size=info.embedding_size or info.vocab_size,
                     max_length=info.max_length)
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    return ids.to(device)
+    from .functions import device_of
+
+    return ids.to(device_of(gm))
 
 
 def _faithfulness(lens: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,19 +269,11 @@ def _check_norm(dec: _Decoder, k: int) -> None:
 
 def _jets(dec: _Decoder, centers: torch.Tensor, variate: torch.Tensor, side, k: int, method: str) -> torch.Tensor:
     """J^k γ(center_i)(variate) for centers (N, B, T, d): (N, B, T, d) (or logits if not split)."""
-    from .jets import NestedJet, jet_module
+    from .jets import jet_module
 
-    module = jet_module(dec.region.module, k, method=method)
-    try:
-        with torch.no_grad() if k == 0 else torch.enable_grad():
-            out = module(centers, variate, *side)
-    except Exception as e:  # noqa: BLE001 - "auto": a failing fast path falls back to the reference
-        if method != "auto" or k == 0 or isinstance(module, NestedJet):
-            raise
-        warnings.warn(f"Taylor-mode jets failed on the decoder ({type(e).__name__}: {str(e)[:200]}); "
-                      "using nested forward AD instead", stacklevel=3)
-        with torch.enable_grad():
-            out = NestedJet(dec.region.module, k)(centers, variate, *side)
+    # Taylor mode (the default) handles ops without a rule itself, by nested AD for those ops
+    with torch.no_grad():
+        out = jet_module(dec.region.module, k, method=method)(centers, variate, *side)
     return out.detach()
 
 

@@ -27,8 +27,7 @@ import torch
 from torch import fx
 
 from .errors import ExpansionError, InputError
-from .functions import block_region, capture, decoder_region, split_decoder
-from .passes._graph import fetch_attr
+from .functions import block_region, capture, decoder_region, device_of, split_decoder
 from .tracing import info_of, residual_of
 
 SCORES = ("logit", "logprob")
@@ -126,15 +125,6 @@ class _Decoder:
         return torch.matmul(hidden, self.W.t(), out=out) if out is not None else hidden @ self.W.t()
 
 
-def model_device(gm: fx.GraphModule) -> torch.device:
-    for t in list(gm.parameters()) + list(gm.buffers()):
-        return t.device
-    structure = residual_of(gm)
-    if structure.decoder.unembedding:
-        return fetch_attr(gm, structure.decoder.unembedding).device
-    return torch.device("cpu")
-
-
 class PathEvaluator:
     """Evaluates one n-gram path for batches of contexts, in d-space then through U."""
 
@@ -144,7 +134,7 @@ class PathEvaluator:
         self.structure = residual_of(gm)
         self.info = info_of(gm)
         self.decoder = _Decoder(gm)
-        self.device = model_device(gm)
+        self.device = device_of(gm)
         if self.path.n == 3:
             from .passes.heads import head_branch
 
