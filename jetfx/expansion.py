@@ -16,6 +16,7 @@ term per path, 2^L for a sequential network. `paths=` selects which paths are co
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ from torch import fx
 from . import paths as P
 from .errors import ExpansionError, check_order
 from .structure import ResidualStructure
-from .terms import LOGITS, STREAM, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, Stream, Terms
-from .tracing import residual_of
+from .terms import LOGITS, STREAM, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, SplitJet, Stream, Terms
+from .tracing import info_of, residual_of
 
 DEFAULT_MAX_PATHS = 512
+MAX_SPLIT_TERMS = 100_000
 SIMPLEX_TOLERANCE = 1e-6
 
 
@@ -46,6 +48,15 @@ class JetExpansion:
         from .passes.materialize import compile_expansion
 
         return compile_expansion(self.gm, self.terms, jets=jets)
+
+    def evaluate(self, tokens, jets: str = "auto"):
+        """(stacked terms, remainder) at these tokens, in any space: stream terms of a block step too."""
+        from .passes.materialize import compile_terms
+        from .tracing import as_tokens
+
+        module = compile_terms(self.gm, self.terms, self.remainder, jets=jets)
+        tokens = tokens if isinstance(tokens, torch.Tensor) else as_tokens(tokens, info_of(self.gm).tokenizer)
+        return module(tokens)
 
     def __iter__(self):  # (ξ, δ) unpacking, as in the paper
         return iter((self.terms, self.remainder))
@@ -152,11 +163,17 @@ def _site(structure: ResidualStructure, l) -> int | str:
 # Algorithm 1
 
 
-def jet_expand(gm: fx.GraphModule, l, centers, k: int, weights=None) -> JetExpansion:
+def jet_expand(gm: fx.GraphModule, l, centers, k: int, weights=None, *, split: bool = False,
+               degrees=None, max_terms: int = MAX_SPLIT_TERMS) -> JetExpansion:
     """Algorithm 1: expand step `l` (or the decoder, l = L) around `centers` with order `k`.
 
     `centers`: terms of an earlier expansion, `jetfx.stream(gm, i)`, `jetfx.branch(gm, name)`,
     tensors, or a list of these. `weights`: one per center, on the simplex (default uniform).
+
+    `split=True` (k ≥ 1) splits every jet term w_i·J^k γ(x_i)(y) by degree d ≤ k and by the
+    multiset of other centers that enter it: parts w_i·D^dγ(x_i)[x_o1…x_od]/(m_1!…m_s!) named
+    "center>block[o1, o2]" ("center>decoder[…]" at the decoder; degree 0 keeps the unsplit
+    name). `degrees` keeps only some degrees; what is left out goes to the remainder.
     """
     k = check_order(k)
     structure = residual_of(gm)
@@ -164,15 +181,81 @@ def jet_expand(gm: fx.GraphModule, l, centers, k: int, weights=None) -> JetExpan
     c = _as_terms(gm, centers)
     if c.space != STREAM:
         raise ExpansionError("centers must be stream vectors (terms expanded at a block), not logits")
-    return _jet_expand(gm, structure, site, c, k, _check_weights(weights, len(c)))
+    w = _check_weights(weights, len(c))
+    if not split:
+        if degrees is not None:
+            raise ExpansionError("degrees= selects parts of split jet terms: pass split=True as well")
+        return _jet_expand(gm, structure, site, c, k, w)
+    kept = check_split_degrees(k, degrees)
+    functions = (None,) if site == "decoder" else structure.steps[site].blocks
+    n_parts = len(functions) * len(c) * sum(math.comb(len(c) - 2 + d, d) if d else 1 for d in kept)
+    if n_parts > max_terms:
+        raise ExpansionError(f"the split has {n_parts} parts ({len(c)} centers, degrees {list(kept)}), more than "
+                             f"max_terms={max_terms}; keep fewer degrees (degrees=…), fewer centers, or raise max_terms")
+    parts = split_parts(len(c), range(len(functions)), kept)
+    return _jet_expand(gm, structure, site, c, k, w, split_parts=parts)
+
+
+def check_split_degrees(k: int, degrees) -> tuple[int, ...]:
+    """The degrees a split keeps: all of 0…k by default; clear errors for k = 0 and degrees > k."""
+    if k == 0:
+        raise ExpansionError("a split needs k ≥ 1: at k = 0 a jet term is the plain evaluation w_i·γ(x_i), "
+                             "there is no derivative to split; use k=1 or more, or split=False")
+    if degrees is None:
+        return tuple(range(k + 1))
+    if isinstance(degrees, int) and not isinstance(degrees, bool):
+        degrees = (degrees,)
+    try:
+        kept = tuple(sorted({int(d) for d in degrees}))
+    except (TypeError, ValueError):
+        raise ExpansionError(f"degrees must be integers between 0 and k={k}, got {degrees!r}") from None
+    if not kept:
+        raise ExpansionError(f"degrees={degrees!r} keeps no part of the split; give degrees between 0 and k={k}")
+    bad = [d for d in kept if not 0 <= d <= k]
+    if bad:
+        raise ExpansionError(f"degree {bad[0]} is out of range for a jet of order k={k}: a k-jet has parts of "
+                             f"degree 0…{k} only; raise k or keep degrees ≤ {k}")
+    return kept
+
+
+def split_parts(n: int, functions, degrees) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+    """Every (center i, function j, multiset of other centers) of the given degrees, grouped by j."""
+    out = []
+    for j in functions:
+        for i in range(n):
+            others = [o for o in range(n) if o != i]
+            for d in degrees:
+                out.extend((i, j, ms) for ms in itertools.combinations_with_replacement(others, d))
+    return tuple(out)
+
+
+def split_name(center: str, function, others: Sequence[str]) -> str:
+    """"center>block[o1, o2]": the part of the jet of `function` at `center` along `others`."""
+    if function is None:
+        base = center if not others else f"{center}>decoder"
+    else:
+        base = function.name if center == P.ENCODER else f"{center}>{function.name}"
+    return f"{base}[{', '.join(others)}]" if others else base
 
 
 def _jet_expand(gm, structure: ResidualStructure, site, c: Terms, k: int, w: tuple[float, ...],
-                pairs=None, keep=None) -> JetExpansion:
+                pairs=None, keep=None, split_parts=None) -> JetExpansion:
     """Algorithm 1 without argument checks. `pairs` restricts which (center, block) jets are built
     and `keep` which identity terms are kept (to compile selected paths only); the remainder then
-    contains what was left out."""
+    contains what was left out. `split_parts` replaces the jets by these parts of their split."""
     symbols = tuple(f"w{site}_{i}" if site != "decoder" else f"ω_{i}" for i in range(len(c)))
+    if split_parts is not None:
+        functions = (None,) if site == "decoder" else structure.steps[site].blocks
+        names = c.names
+        labels = tuple(split_name(names[i], functions[j], [names[o] for o in ms]) for i, j, ms in split_parts)
+        jets = SplitJet(site, functions, c, k, w, tuple(split_parts), labels,
+                        space=LOGITS if site == "decoder" else STREAM)
+        if site == "decoder":
+            return JetExpansion(gm, jets, Remainder(Logits(), jets, space=LOGITS))
+        identity = c if keep is None or len(keep) == len(c) else Select(c, tuple(keep))
+        parts = tuple(p for p in (identity, jets) if len(p))
+        terms = parts[0] if len(parts) == 1 else Concat(parts)
+        return JetExpansion(gm, terms, Remainder(Stream(site + 1), terms))
     if site == "decoder":
         all_pairs = tuple((i, 0) for i in range(len(c)))
         jets = Jet("decoder", (None,), c, k, w, tuple(pairs) if pairs is not None else all_pairs,
@@ -234,14 +317,24 @@ def _choices(structure: ResidualStructure, blocks: tuple[str, ...]) -> tuple:
     return tuple(by_step.get(s) for s in range(len(structure.steps)))
 
 
-def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAULT_MAX_PATHS, jets: str = "auto"):
+def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAULT_MAX_PATHS, jets: str = "auto",
+           split: bool = False, degrees=None):
     """The exponential jet expansion of a traced model, compiled into a runnable GraphModule.
 
     `paths` selects the compiled paths: a `jetfx.paths` filter, a predicate on `Path`, or path
     names. The module's output holds one logits tensor per selected path and the remainder;
     paths + remainder = the model's logits exactly, whatever the selection.
+
+    `split=True` (k ≥ 1) compiles the super-exponential expansion instead, every jet term split by
+    degree and by the terms it interacts with; `paths` is then a `jetfx.split` filter (see there).
     """
     k = check_order(k)
+    if split:
+        from .split import expand_split
+
+        return expand_split(gm, k, paths, degrees=degrees, max_paths=max_paths, jets=jets)
+    if degrees is not None:
+        raise ExpansionError("degrees= selects parts of split jet terms: pass split=True as well")
     structure = residual_of(gm)
     graph = P.PathGraph(structure)
     filt = P.as_filter(paths)

@@ -174,6 +174,47 @@ class Jet(Terms):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class SplitJet(Terms):
+    """Parts of jet terms split by degree and by the other centers that enter them.
+
+    Each part (i, j, others) is w_i · D^d f_j(x_i)[x_o1, …, x_od] / (m_1!…m_s!): the coefficient of
+    t^m in f_j(x_i + Σ_o t_o·x_o), where `others` is the sorted multiset of d center indices
+    (multiplicities m). Summed over all multisets of the centers other than i, for d ≤ k, the
+    parts give back w_i · J^k f_j(x_i)(Σ x): the unsplit term (`jetfx.split`).
+    """
+
+    site: int | str
+    functions: tuple[Block | None, ...]
+    centers: Terms
+    k: int
+    weights: tuple[float, ...]
+    parts: tuple[tuple[int, int, tuple[int, ...]], ...]
+    labels: tuple[str, ...]
+    space: str = field(default=STREAM)
+
+    @cached_property
+    def names(self):
+        return self.labels
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Grouped(Terms):
+    """Sums of groups of terms (regrouping split terms into coarser paths): one term per group."""
+
+    source: Terms
+    groups: tuple[tuple[int, ...], ...]
+    labels: tuple[str, ...]
+
+    @cached_property
+    def names(self):
+        return self.labels
+
+    @property
+    def space(self):
+        return self.source.space
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Remainder(Terms):
     """target − Σ terms (the exact remainder δ)."""
 
@@ -206,9 +247,9 @@ def walk(terms: Terms):
 def children(t: Terms) -> tuple[Terms, ...]:
     if isinstance(t, Concat):
         return t.parts
-    if isinstance(t, (Select, Scaled)):
+    if isinstance(t, (Select, Scaled, Grouped)):
         return (t.source,)
-    if isinstance(t, Jet):
+    if isinstance(t, (Jet, SplitJet)):
         return (t.centers,)
     if isinstance(t, Remainder):
         return (t.target, t.terms)

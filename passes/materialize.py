@@ -19,10 +19,12 @@ from jetfx.expanded import ExpandedModule
 from jetfx.functions import block_region, decoder_region, logits_node
 from jetfx.jets import jet_module
 from jetfx.paths import PathGraph
-from jetfx.terms import LOGITS, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, Stream, Terms, walk
+from jetfx.terms import (LOGITS, Branch, Concat, Constant, Grouped, Jet, Logits, Remainder, Scaled, Select, SplitJet,
+                         Stream, Terms, walk)
 from jetfx.tracing import info_of, residual_of
 
 from ._graph import aten, fetch_attr
+from .mixed import mixed_jet
 
 
 def broadcast_center(value: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -54,6 +56,9 @@ class _Lowering:
         val_map = {old_ph[0]: tokens}
         self.graph.graph_copy(gm.graph, val_map)
         self.env = {old.name: new for old, new in val_map.items()}
+        encoder = next(n for n in gm.graph.nodes if n.name == self.structure.stream[0])
+        val = encoder.meta.get("val")
+        self.dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
         for n in gm.graph.nodes:
             if n.op in ("get_attr", "call_module"):
                 self.attrs[n.target] = fetch_attr(gm, n.target)
@@ -68,15 +73,32 @@ class _Lowering:
     def call(self, target, *args) -> fx.Node:
         return self.graph.call_function(target, tuple(args))
 
-    def jet(self, function, k: int) -> tuple[str, object]:
+    def region(self, function):
         if function is None:
-            region, name = decoder_region(self.gm), "decoder"
-        else:
-            region, name = block_region(self.gm, function), _safe(function.name)
+            return decoder_region(self.gm), "decoder"
+        return block_region(self.gm, function), _safe(function.name)
+
+    def jet(self, function, k: int) -> tuple[str, object]:
+        region, name = self.region(function)
         target = f"jets.{name}_k{k}"
         if target not in self.attrs:
             self.attrs[target] = jet_module(region.module, k, self.method)
         return target, region
+
+    def mixed(self, function, multiplicities: tuple[int, ...]) -> tuple[str, object]:
+        region, name = self.region(function)
+        target = f"mixed.{name}_m{'_'.join(map(str, multiplicities)) or '0'}"
+        if target not in self.attrs:
+            self.attrs[target] = mixed_jet(region.module, multiplicities)
+        return target, region
+
+    def weights(self, values) -> fx.Node:
+        """Jet weights as a constant in the stream's dtype (float32 weights would limit a float64
+        expansion to 1e-7: Σ w_i = 1 must hold to the precision of the model)."""
+        return self.const("weights", torch.tensor(list(values), dtype=self.dtype).view(-1, 1, 1, 1))
+
+    def index(self, source: fx.Node, indices) -> fx.Node:
+        return self.call(aten.index_select.default, source, 0, self.const("index", torch.tensor(list(indices))))
 
     # lowering, memoized per Terms object
     def lower(self, t: Terms) -> fx.Node:
@@ -105,10 +127,21 @@ class _Lowering:
                 return src
             return self.call(aten.index_select.default, src, 0, self.const("index", torch.tensor(t.indices)))
         if isinstance(t, Scaled):
-            w = self.const("weights", torch.tensor(t.weights).view(-1, 1, 1, 1))
+            w = self.weights(t.weights)
             return self.call(aten.mul.Tensor, self.memo[id(t.source)], w)
         if isinstance(t, Jet):
             return self._lower_jet(t)
+        if isinstance(t, SplitJet):
+            return self._lower_split(t)
+        if isinstance(t, Grouped):
+            src = self.memo[id(t.source)]
+            owner = [0] * len(t.source)
+            for g, members in enumerate(t.groups):
+                for m in members:
+                    owner[m] = g
+            shape = self.call(_grouped_shape, src, len(t.groups))
+            zeros = self.call(aten.new_zeros.default, src, shape)
+            return self.call(aten.index_add.default, zeros, 0, self.const("index", torch.tensor(owner)), src)
         if isinstance(t, Remainder):
             total = self.call(aten.sum.dim_IntList, self.memo[id(t.terms)], [0], True)
             return self.call(aten.sub.Tensor, self.memo[id(t.target)], total)
@@ -130,13 +163,62 @@ class _Lowering:
             variate = self.env[self.structure.decoder.input if f is None else f.input]
             side = [self.env[name] for name in region.side_inputs]
             out = self.graph.call_module(target, (c, variate, *side))
-            w = self.const("weights", torch.tensor([t.weights[i] for i in idx]).view(-1, 1, 1, 1))
+            w = self.weights([t.weights[i] for i in idx])
             outs.append(self.call(aten.mul.Tensor, out, w))
         expected = [(i, j) for j in seen_blocks for i, jj in t.pairs if jj == j]
         if list(t.pairs) != expected:
             raise ExpansionError("internal: jet pairs must be grouped by block")
         return outs[0] if len(outs) == 1 else self.call(aten.cat.default, outs, 0)
 
+    def _lower_split(self, t: SplitJet) -> fx.Node:
+        """One batched call per (block, multiplicity pattern), then the parts put back in order."""
+        centers = self.memo[id(t.centers)]
+        groups: dict[tuple, list[int]] = {}
+        for p, (i, j, others) in enumerate(t.parts):
+            distinct = sorted(set(others))
+            groups.setdefault((j, tuple(others.count(o) for o in distinct)), []).append(p)
+        outs, order = [], []
+        for (j, mult), members in groups.items():
+            f = t.functions[j]
+            target, region = self.mixed(f, mult)
+            c = self.index(centers, [t.parts[p][0] for p in members])
+            flat = [o for p in members for o in sorted(set(t.parts[p][2]))]
+            # degree 0 takes no directions (the mixed jet evaluates f(x_i)); pass the centers along
+            dirs = self.call(_as_directions, self.index(centers, flat), len(members), len(mult)) if flat else c
+            side = [self.env[name] for name in region.side_inputs]
+            out = self.graph.call_module(target, (c, dirs, *side))
+            w = self.weights([t.weights[t.parts[p][0]] for p in members])
+            outs.append(self.call(aten.mul.Tensor, out, w))
+            order.extend(members)
+        stacked = outs[0] if len(outs) == 1 else self.call(aten.cat.default, outs, 0)
+        if order == list(range(len(order))):
+            return stacked
+        inverse = [0] * len(order)
+        for position, p in enumerate(order):
+            inverse[p] = position
+        return self.index(stacked, inverse)
+
+
+
+def _as_directions(flat: torch.Tensor, n: int, s: int) -> torch.Tensor:
+    """(n·s, B, T, d) gathered directions → (n, s, B, T, d)."""
+    return flat.reshape(n, s, *flat.shape[1:])
+
+
+def _grouped_shape(src: torch.Tensor, groups: int) -> list:
+    return [groups, *src.shape[1:]]
+
+
+def compile_terms(gm: fx.GraphModule, terms: Terms, remainder: Terms | None = None, *, jets: str = "auto") -> fx.GraphModule:
+    """Any terms (stream or logits) as a GraphModule: tokens → stacked terms (and the remainder)."""
+    low = _Lowering(gm, jets)
+    out = low.lower(terms)
+    if remainder is not None:
+        out = (out, low.lower(remainder))
+    low.graph.output(out)
+    module = fx.GraphModule(low.attrs, low.graph, class_name="CompiledTerms")
+    module.names = terms.names
+    return module
 
 
 def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", path_graph: PathGraph | None = None,

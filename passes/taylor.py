@@ -996,9 +996,12 @@ def _dependent_nodes(graph: fx.Graph, x: fx.Node) -> set:
     return value_dependent(graph, x)
 
 
-def taylor_graph_module(region: fx.GraphModule, k: int, strict: bool = False):
+def taylor_graph_module(region: fx.GraphModule, k: int, strict: bool = False, direction: bool = False):
     """The Taylor-mode GraphModule of `region`: forward(x, y, *side) → (c_0, …, c_k).
 
+    With `direction=True` the second input is the direction v itself, forward(x, v, *side), the
+    coefficients of t ↦ f(x + t·v): mixed derivatives (`jetfx.passes.mixed`) need arbitrary
+    directions, and forming y = x + v only to subtract x again would cost precision.
     Returns (graph_module, fallback_ops): the ops computed by nested-AD fallback.
     """
     k = check_order(k)
@@ -1013,13 +1016,13 @@ def taylor_graph_module(region: fx.GraphModule, k: int, strict: bool = False):
     B = Builder(g, k)
     env: dict[fx.Node, object] = {}
     x0 = g.placeholder("x")
-    y = g.placeholder("y")
+    y = g.placeholder("v" if direction else "y")
     for p in placeholders[1:]:
         ph = g.placeholder(p.name)
         ph.meta = dict(p.meta)
         env[p] = Const(ph)
     x_c0 = x0
-    x_c1 = B.call(aten.sub.Tensor, (y, x0), name="x_c1")
+    x_c1 = y if direction else B.call(aten.sub.Tensor, (y, x0), name="x_c1")
     env[x_src] = Series([x_c0, x_c1] + [None] * (k - 1)) if k >= 1 else Series([x_c0])
     fallback: list[str] = []
 
