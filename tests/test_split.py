@@ -1,0 +1,332 @@
+"""Split jet terms (the super-exponential path set): mixed coefficients, sums, regrouping, counts."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import warnings
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jetfx
+from jetfx import split as S
+from jetfx.functions import block_region, capture, decoder_region
+from jetfx.passes.mixed import MixedJet, interpolation_row, lattice
+from jetfx.passes.taylor import TaylorJet
+from tiny_models import LinearResNet, TwoBlockToy, hf_model, tokens
+
+
+@functools.lru_cache(maxsize=None)
+def traced64(arch: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hf_model(arch).double()
+    return model, jetfx.trace(model, tokens(), dtype=torch.float64)
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# --- mixed coefficients ---------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=1, max_size=3), st.integers(0, 10**6))
+def test_interpolation_recovers_every_coefficient_of_a_homogeneous_polynomial(mult, seed):
+    s, d = len(mult), sum(mult)
+    rng = __import__("random").Random(seed)
+    coef = {n: Fraction(rng.randint(-9, 9), rng.randint(1, 5)) for n in lattice(s, d)}
+
+    def c_d(a):  # the d-th Taylor coefficient along Σ a_j u_j of this polynomial
+        return sum(v * math.prod(ai**ni for ai, ni in zip(a, n)) for n, v in coef.items())
+
+    got = sum(Fraction(w) * c_d(a) for a, w in interpolation_row(tuple(mult)))
+    assert abs(float(got - coef[tuple(mult)])) < 1e-9 * (1 + abs(float(coef[tuple(mult)])))
+
+
+def _nested_mixed(f, x, directions):
+    if not directions:
+        return f(x)
+    return torch.func.jvp(lambda z: _nested_mixed(f, z, directions[1:]), (x,), (directions[0],))[1]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mixed_coefficients_match_nested_jvp(arch):
+    _, gm = traced64(arch)
+    block = gm.residual.blocks[2]
+    region = block_region(gm, block)
+    vals = capture(gm, tokens(), (block.input, *region.side_inputs))
+    x, side = vals[block.input], [vals[s] for s in region.side_inputs]
+    g = torch.Generator().manual_seed(0)
+    u = [torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in range(3)]
+    for mult in [(1,), (2,), (3,), (1, 1), (2, 1), (1, 1, 1)]:
+        dirs = u[: len(mult)]
+        full = [d for d, m in zip(dirs, mult) for _ in range(m)]
+        want = _nested_mixed(lambda z: region.module(z, *side), x, full) / math.prod(map(math.factorial, mult))
+        got = MixedJet(region.module, mult)(x.unsqueeze(0), torch.stack(dirs).unsqueeze(0), *side)[0]
+        assert _rel(got, want) < 1e-10, mult
+
+
+# --- split parts sum to the unsplit term ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_split_parts_sum_to_the_unsplit_term(arch, k):
+    _, gm = traced64(arch)
+    ids = tokens()
+    blocks = gm.residual.blocks
+    step = 3
+    centers = [jetfx.stream(gm, 0)] + [jetfx.branch(gm, b) for b in blocks[:step]]  # Σ = h_3
+    w = [0.1, 0.2, 0.3, 0.4]
+    unsplit = jetfx.jet_expand(gm, step, centers, k, w)
+    split = jetfx.jet_expand(gm, step, centers, k, w, split=True)
+    # 4 centers: Σ_d 3 multichoose d parts per center
+    assert len(split.terms) == 4 + 4 * sum(math.comb(3 + d - 1, d) for d in range(k + 1))
+    with torch.no_grad():
+        un, un_rem = unsplit.evaluate(ids)
+        sp, sp_rem = split.evaluate(ids)
+    for idx, name in enumerate(unsplit.terms.names):
+        members = [i for i, n in enumerate(split.terms.names) if n == name or n.startswith(name + "[")]
+        assert _rel(sp[members].sum(0), un[idx]) < 1e-10, name
+    assert (sp_rem - un_rem).abs().max() < 1e-10 * un.abs().max()
+
+    # decoder, around constant centers (the unsplit term's variate is then Σ centers)
+    g = torch.Generator().manual_seed(k)
+    h = capture(gm, ids, [gm.residual.decoder.input])[gm.residual.decoder.input]
+    parts = torch.stack([h * 0.5, h * 0.3 + 0.1 * torch.randn(h.shape, generator=g, dtype=h.dtype)])
+    parts = torch.cat([parts, (h - parts.sum(0)).unsqueeze(0)])
+    split = jetfx.jet_expand(gm, "decoder", parts, k, [0.5, 0.25, 0.25], split=True, max_terms=10**4)
+    with torch.no_grad():
+        sp, _ = split.evaluate(ids)
+        region = decoder_region(gm)
+        full = TaylorJet(region.module, k)(parts, parts.sum(0), *[capture(gm, ids, region.side_inputs)[s]
+                                                                 for s in region.side_inputs])
+    for i, c in enumerate(("c0", "c1", "c2")):
+        members = [j for j, n in enumerate(split.terms.names) if n == c or n.startswith(c + ">decoder[")]
+        assert _rel(sp[members].sum(0), [0.5, 0.25, 0.25][i] * full[i]) < 1e-10, c
+
+
+def test_split_names_degrees_and_multiplicities():
+    _, gm = traced64("gpt2")
+    centers = [jetfx.stream(gm, 0), jetfx.branch(gm, "h.0.attn"), jetfx.branch(gm, "h.0.mlp")]
+    ex = jetfx.jet_expand(gm, 2, centers, 2, split=True, degrees=[2])
+    names = ex.terms.names[3:]
+    assert "h.1.attn[h.0.attn, h.0.mlp]" in names and "h.1.attn[h.0.attn, h.0.attn]" in names
+    assert "h.0.mlp>h.1.attn[embed, h.0.attn]" in names
+    assert len(names) == 3 * 3  # three centers, C(2+1, 2) multisets of the two others each
+
+
+# --- linear networks: regrouping recovers U·Π_{j∈S} A_j·E ------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4, 5, 6])
+def test_linear_regrouping_recovers_every_matrix_product_path(layers):
+    from jetfx.passes.materialize import compile_expansion
+
+    model = LinearResNet(layers=layers, seed=layers).double()
+    ids = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(layers))
+    gm = jetfx.trace(model, ids, dtype=torch.float64)
+    g = torch.Generator().manual_seed(100 + layers)
+    blocks = gm.residual.blocks
+
+    def weights(n):  # any point of the simplex
+        w = torch.rand(n, generator=g, dtype=torch.float64) ** 3
+        return (w / w.sum()).tolist()
+
+    centers, labels = [jetfx.stream(gm, 0), jetfx.branch(gm, blocks[0])], None
+    for s in range(1, layers):
+        ex = jetfx.jet_expand(gm, s, centers, 1, weights(len(centers)), split=True)
+        assert len(ex.terms) == len(centers) + len(centers) ** 2  # identity + N·(1 + (N−1)) parts
+        centers, labels = S.regroup(ex, labels)
+        assert len(centers) == 2 ** (s + 1)
+    ex = jetfx.jet_expand(gm, "decoder", centers, 1, weights(len(centers)), split=True)
+    terms, labels = S.regroup(ex, labels)
+    out = compile_expansion(gm, terms)(ids)
+    assert len(out.names) == 2**layers
+    E, U = model.embed.weight.detach(), model.unembed.weight.detach()
+    A = {b.name: m.weight.detach() for b, m in zip(blocks, model.blocks)}
+    scale = out.logits.abs().max()
+    for label, name in zip(labels, out.names):
+        h = E[ids]
+        for b in blocks:
+            if b.name in label:
+                h = h @ A[b.name].T
+        assert (out[name] - h @ U.T).abs().max() < 1e-12 * scale, name
+    assert out.remainder.abs().max() < 1e-12 * scale
+
+
+# --- the super-exponential path set: counts ---------------------------------------------------------
+
+
+def _brute_levels(structure, k):
+    """Every term of every level, as nested tuples, by plain enumeration."""
+    steps = structure.steps
+    level = [("leaf", None)] + [("leaf", b.name) for b in steps[0].blocks]
+    for step in steps[1:]:
+        new = []
+        for b in step.blocks:
+            for i, c in enumerate(level):
+                others = level[:i] + level[i + 1:]
+                for d in range(k + 1):
+                    for ms in itertools.combinations_with_replacement(others, d):
+                        new.append(("split", c, b.name, ms))
+        level = level + new
+    final = []
+    for i, c in enumerate(level):
+        others = level[:i] + level[i + 1:]
+        for d in range(k + 1):
+            for ms in itertools.combinations_with_replacement(others, d):
+                final.append(("split", c, None, ms))
+    return final
+
+
+def _blocks(t):
+    if t[0] == "leaf":
+        return {t[1]} - {None}
+    return _blocks(t[1]) | ({t[2]} - {None}) | set().union(*[_blocks(o) for o in t[3]])
+
+
+def _splits(t):
+    if t[0] == "leaf":
+        return []
+    return [t] + _splits(t[1]) + [s for o in t[3] for s in _splits(o)]
+
+
+def _interacts(t, name):
+    return any(name in _blocks(o) for s in _splits(t) for o in s[3])
+
+
+def _kind_ok(t, kinds, kind_of):
+    return all(kind_of[b] in kinds for b in _blocks(t))
+
+
+def _tiny_structure(arch_or_toy, layers: int = 1):
+    if arch_or_toy == "toy":
+        return jetfx.trace(TwoBlockToy(), torch.randint(0, 13, (2, 4))).residual
+    cfg = {"gpt_neox": "gpt_neox"}.get(arch_or_toy, arch_or_toy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import transformers
+        from tiny_models import config
+
+        c = config(cfg)
+        c.num_hidden_layers = layers
+        model = transformers.AutoModelForCausalLM.from_config(c).eval()
+    return jetfx.trace(model, tokens()).residual
+
+
+@pytest.mark.parametrize("model,layers,k", [("toy", 0, 1), ("toy", 0, 2), ("toy", 0, 3), ("gpt2", 1, 1),
+                                            ("gpt_neox", 2, 1), ("gpt_neox", 2, 2)])
+def test_split_counts_equal_brute_force(model, layers, k):
+    structure = _tiny_structure(model, layers)
+    graph = S.SplitPathGraph(structure, k)
+    every = _brute_levels(structure, k)
+    kind_of = {b.name: b.kind for b in structure.blocks}
+    names = [b.name for b in structure.blocks]
+    last = names[-1]
+    cases = {
+        S.all_split_paths(): lambda t: True,
+        S.max_degree(0): lambda t: all(len(s[3]) == 0 for s in _splits(t)),
+        S.max_degree(1): lambda t: all(len(s[3]) <= 1 for s in _splits(t)),
+        S.total_degree(min=1, max=2): lambda t: 1 <= sum(len(s[3]) for s in _splits(t)) <= 2,
+        S.interacts_with(names[0]): lambda t: _interacts(t, names[0]),
+        S.contains(last): lambda t: last in _blocks(t),
+        S.only_kinds(kind_of[names[0]]): lambda t: _kind_ok(t, {kind_of[names[0]]}, kind_of),
+        S.max_degree(1) & ~S.interacts_with(names[0]): lambda t: all(len(s[3]) <= 1 for s in _splits(t))
+        and not _interacts(t, names[0]),
+        S.contains(last) | S.total_degree(max=0): lambda t: last in _blocks(t) or not any(s[3] for s in _splits(t)),
+    }
+    assert graph.count() == len(every)
+    for f, pred in cases.items():
+        want = sum(1 for t in every if pred(t))
+        assert graph.count(f) == want, f
+        if want <= 3000:
+            listed = graph.paths(f)
+            assert len(listed) == want and len({p.name for p in listed}) == want, f
+
+
+def test_counts_grow_super_exponentially_without_enumeration():
+    structure = _tiny_structure("toy")
+    assert S.SplitPathGraph(structure, 1).level_sizes() == [2, 6]
+    gm = jetfx.trace(LinearResNet(layers=8), torch.randint(0, 11, (1, 3)))
+    graph = S.SplitPathGraph(gm.residual, 1)
+    sizes = graph.level_sizes()
+    for a, b in zip(sizes, sizes[1:]):  # N_{s+1} = N_s + N_s·(1 + N_s − 1) at k = 1
+        assert b == a + a * a
+    assert graph.count() == sizes[-1] ** 2 and graph.count() > 10**100
+    assert graph.count(S.max_degree(0)) == 2**8  # no interactions: the exponential path set
+    kinds = {d["kind"] for _, _, d in graph.graph.edges(data=True)}
+    assert kinds == {"carry", "interaction"}
+
+
+# --- the compiled split expansion ---------------------------------------------------------------
+
+
+def test_split_expansion_matches_eager_jvps_and_is_exact():
+    model = TwoBlockToy().double()
+    ids = torch.randint(0, 13, (2, 4), generator=torch.Generator().manual_seed(3))
+    gm = jetfx.trace(model, ids, dtype=torch.float64)
+    ex = jetfx.expand(gm, 1, split=True)
+    out = ex(ids)
+    assert len(out.names) == 36 and len(set(out.names)) == 36
+    assert out.max_error() < 1e-12 * out.logits.abs().max()
+    blocks = {"block1": model.block1, "block2": model.block2}
+    sizes = S.SplitPathGraph(gm.residual, 1).level_sizes()
+
+    def value(p: S.SplitPath):
+        if p.center is None:
+            e = model.embed(ids)
+            return e if p.block is None else model.block1(e)
+        f = (lambda h: model.unembed(model.norm(h))) if p.block is None else blocks[p.block.name]
+        w = 1 / sizes[-1] if p.block is None else 1 / sizes[p.block.step - 1]
+        x = value(p.center)
+        if not p.others:
+            return w * f(x)
+        return w * torch.func.jvp(f, (x,), (value(p.others[0]),))[1]
+
+    with torch.no_grad():
+        for p in ex.selected:
+            assert (out[p.name] - value(p)).abs().max() < 1e-12 * out.logits.abs().max(), p.name
+    # a filter compiles only the selected paths; the rest is in the remainder
+    sub = jetfx.expand(gm, 1, split=True, paths=S.interacts_with("block1") & S.max_degree(1))
+    o2 = sub(ids)
+    assert len(o2.names) == ex.split_graph.count(S.interacts_with("block1") & S.max_degree(1))
+    assert all("block1" in n.split("[", 1)[1] for n in o2.names)
+    for n in o2.names:
+        assert (o2[n] - out[n]).abs().max() < 1e-12 * out.logits.abs().max()
+    assert o2.max_error() < 1e-12 * out.logits.abs().max()
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_split_requests_say_what_to_do():
+    _, gm = traced64("gpt2")
+    centers = [jetfx.stream(gm, 0), jetfx.branch(gm, "h.0.attn")]
+    with pytest.raises(jetfx.ExpansionError, match="out of range for a jet of order k=1"):
+        jetfx.jet_expand(gm, 1, centers, 1, split=True, degrees=[2])
+    with pytest.raises(jetfx.ExpansionError, match="split needs k ≥ 1"):
+        jetfx.jet_expand(gm, 1, centers, 0, split=True)
+    with pytest.raises(jetfx.ExpansionError, match="split needs k ≥ 1"):
+        jetfx.expand(gm, 0, split=True)
+    with pytest.raises(jetfx.ExpansionError, match="keeps no part"):
+        jetfx.jet_expand(gm, 1, centers, 1, split=True, degrees=[])
+    with pytest.raises(jetfx.ExpansionError, match="pass split=True"):
+        jetfx.jet_expand(gm, 1, centers, 1, degrees=[1])
+    with pytest.raises(jetfx.ExpansionError, match="selects no path"):
+        jetfx.expand(gm, 1, split=True, paths=S.only_kinds("mlp") & S.interacts_with("h.*.attn"))
+    with pytest.raises(jetfx.ExpansionError, match="filters of jetfx.split"):
+        jetfx.expand(gm, 1, split=True, paths=jetfx.paths.max_blocks(1))
+    with pytest.raises(jetfx.ExpansionError, match="more than max_paths"):
+        jetfx.expand(gm, 1, split=True)
+    with pytest.raises(jetfx.ExpansionError, match="max_degree needs a non-negative integer"):
+        S.max_degree(-1)
+    with pytest.raises(jetfx.ExpansionError, match="max_terms"):
+        jetfx.jet_expand(gm, 1, centers * 30, 3, split=True)
