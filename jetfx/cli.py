@@ -5,6 +5,8 @@
     jetfx paths   [--max-blocks N] [--kinds mlp] [--through PAT] [--svg F]
     jetfx expand  --text "..." --k 1 [path filters] [--export F]
     jetfx lens    --text "..." --k 1 [--joint] --out DIR
+    jetfx expand  --split --k 1 --max-degree 1 --interacts-with PAT   super-exponential (split) paths
+    jetfx interactions --text "..." --out DIR [--blocks PAT]         degree-1 cross terms, heatmaps
     jetfx ngrams  --path embed --drop-self ;  jetfx diff A B ;  jetfx mass
 
 `--model` defaults to the built-in `smollm2-135m` (offline; converted once, then cached).
@@ -94,7 +96,14 @@ def cmd_expand(args) -> int:
 
     _, tokenizer, gm = _load_and_trace(args, args.text)
     t = time.time()
-    ex = jetfx.expand(gm, k=args.k, paths=_filter(args), max_paths=args.max_paths, jets=args.jets)
+    if args.split:
+        graph = jetfx.split.SplitPathGraph(gm.residual, args.k)
+        f = _split_filter(args)
+        print(f"split expansion at k={args.k}: {graph.count():.4g} split paths in all; the filter {f!r} selects "
+              f"{graph.count(f):,}")
+        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, split=True)
+    else:
+        ex = jetfx.expand(gm, k=args.k, paths=_filter(args), max_paths=args.max_paths, jets=args.jets)
     compile_s = time.time() - t
     ids = jetfx.tracing.as_tokens(args.text, tokenizer).to(args.device)
     t = time.time()
@@ -117,6 +126,38 @@ def cmd_expand(args) -> int:
 
         export(ex, args.export)
         print(f"wrote {args.export}")
+    return 0
+
+
+def _split_filter(args):
+    from . import split as S
+
+    f = S.all_split_paths()
+    if args.max_degree is not None:
+        f = f & S.max_degree(args.max_degree)
+    if args.max_interactions is not None:
+        f = f & S.total_degree(max=args.max_interactions)
+    if args.interacts_with:
+        f = f & S.interacts_with(*args.interacts_with)
+    if args.kinds:
+        f = f & S.only_kinds(*args.kinds)
+    return f
+
+
+def cmd_interactions(args) -> int:
+    from .interactions import interactions
+
+    _, _, gm = _load_and_trace(args, args.text)
+    t = time.time()
+    m = interactions(gm, args.text, position=args.position, blocks=args.blocks or None)
+    print(f"{len(m.records):,} cross terms w·Dγ_l(x_i)[x_j] over {len(m.blocks)} blocks in {time.time() - t:.1f} s "
+          f"(position {m.position}, {m.tokens[m.position]!r}; top token {m.top_token!r})"
+          + ("" if m.complete else " — interrupted, partial"))
+    print("largest by size ‖U·Dῡ·t‖ (effect on the top token's logit):")
+    for r in m.top(args.show):
+        print(f"  {r.block:<22} at {r.center:<22} along {r.direction:<22} {r.size:12.4g} ({r.effect:+.4g})")
+    for name, path in m.save(args.out).items():
+        print(f"wrote {path}")
     return 0
 
 
@@ -156,7 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jets", choices=("auto", "taylor", "nested"), default="auto")
     p.add_argument("--show", type=int, default=12, help="print the N largest paths")
     p.add_argument("--export", default=None, help="save the expanded module to this file (.jetfx.zip)")
+    p.add_argument("--split", action="store_true", help="split jet terms by degree and partners (super-exponential)")
+    p.add_argument("--max-degree", type=int, default=None, help="with --split: every split has degree ≤ N")
+    p.add_argument("--max-interactions", type=int, default=None, help="with --split: at most N interaction edges")
+    p.add_argument("--interacts-with", nargs="*", default=None, help="with --split: interacts with matching blocks")
     p.set_defaults(func=cmd_expand)
+
+    p = sub.add_parser("interactions", help="degree-1 cross terms w·Dγ_l(x_i)[x_j] of one text: data and heatmaps")
+    _model_args(p)
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--position", type=int, default=-1, help="token position to measure at (default: last)")
+    p.add_argument("--blocks", nargs="*", default=None, help="receiving blocks (names or patterns; default all)")
+    p.add_argument("--show", type=int, default=12, help="print the N largest cross terms")
+    p.add_argument("--out", default="out/interactions", help="folder for JSON, CSV and SVG heatmaps")
+    p.set_defaults(func=cmd_interactions)
 
     for name in ("cli_lens", "cli_ngrams"):
         try:
