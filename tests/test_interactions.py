@@ -38,8 +38,8 @@ def test_cross_terms_match_eager_jvps_and_the_logit_readout(arch, tmp_path):
         tangent[:, 3] = term[:, 3]
         dside = list(capture(gm, ids, dec.side_inputs).values())
         dlogits = torch.func.jvp(lambda h: dec.module(h, *dside), (vals[s.decoder.input],), (tangent,))[1][0, 3]
-        assert rec.size == pytest.approx(float(dlogits.norm()), rel=1e-8, abs=1e-12)
-        assert rec.effect == pytest.approx(float(dlogits[top]), rel=1e-8, abs=1e-10)
+        assert rec.size == pytest.approx(float(dlogits.detach().norm()), rel=1e-8, abs=1e-12)
+        assert rec.effect == pytest.approx(float(dlogits[top].detach()), rel=1e-8, abs=1e-10)
         assert rec.weight == pytest.approx(1 / (block.step + 1))
     rows, cols, mat = m.matrix("size", "blocks")
     assert rows == m.blocks and mat.shape == (len(rows), len(cols)) and (mat >= 0).all()
