@@ -94,14 +94,17 @@ def cmd_expand(args) -> int:
 
     import jetfx
 
+    f = _split_filter(args) if args.split else None  # bad filter flags fail before the model loads
     _, tokenizer, gm = _load_and_trace(args, args.text)
     t = time.time()
     if args.split:
         graph = jetfx.split.SplitPathGraph(gm.residual, args.k)
-        f = _split_filter(args)
-        print(f"split expansion at k={args.k}: {graph.count():.4g} split paths in all; the filter {f!r} selects "
-              f"{graph.count(f):,}")
-        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, split=True)
+        nonzero = f & jetfx.split.exponential_centers() if args.weights == "exponential" else f
+        print(f"split expansion at k={args.k}: {graph.describe()} split paths in all; the filter {f!r} selects "
+              f"{graph.describe(f)}" + (f", {graph.describe(nonzero)} of them not identically 0 under "
+                                         "weights='exponential'" if nonzero is not f else ""))
+        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, split=True,
+                          weights=args.weights)
     else:
         ex = jetfx.expand(gm, k=args.k, paths=_filter(args), max_paths=args.max_paths, jets=args.jets)
     compile_s = time.time() - t
@@ -118,9 +121,9 @@ def cmd_expand(args) -> int:
     print(f"paths by the norm of their logits at the last position ({args.text!r}):")
     for i in order.tolist():
         top = int(last[i].argmax())
-        print(f"  {out.names[i]:<50} |logits| {norms[i]:9.3f}  top token {tokenizer.decode([top])!r}")
+        print(f"  {out.names[i]:<50} |logits| {norms[i]:10.4g}  top token {tokenizer.decode([top])!r}")
     r = out.remainder[0, -1]
-    print(f"  {'remainder':<50} |logits| {r.norm():9.3f}  top token {tokenizer.decode([int(r.argmax())])!r}")
+    print(f"  {'remainder':<50} |logits| {r.norm():10.4g}  top token {tokenizer.decode([int(r.argmax())])!r}")
     if args.export:
         from .export import export
 
@@ -131,6 +134,7 @@ def cmd_expand(args) -> int:
 
 def _split_filter(args):
     from . import split as S
+    from .errors import ExpansionError
 
     f = S.all_split_paths()
     if args.max_degree is not None:
@@ -141,6 +145,15 @@ def _split_filter(args):
         f = f & S.interacts_with(*args.interacts_with)
     if args.kinds:
         f = f & S.only_kinds(*args.kinds)
+    if args.within:
+        f = f & S.within(*args.within)
+    if args.avoid:
+        f = f & S.avoid(*args.avoid)
+    for pattern in args.through or ():
+        f = f & S.contains(pattern)
+    if args.max_blocks is not None or args.path:
+        raise ExpansionError("--max-blocks and --path select exponential paths; with --split use --within, --through, "
+                             "--avoid, --kinds, --max-degree, --max-interactions, --interacts-with")
     return f
 
 
@@ -201,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-degree", type=int, default=None, help="with --split: every split has degree ≤ N")
     p.add_argument("--max-interactions", type=int, default=None, help="with --split: at most N interaction edges")
     p.add_argument("--interacts-with", nargs="*", default=None, help="with --split: interacts with matching blocks")
+    p.add_argument("--within", nargs="*", default=None, help="with --split: every block (carried or interacting) matches")
+    p.add_argument("--weights", choices=("exponential", "uniform"), default="exponential",
+                   help="with --split: jet weights 1/2^s on the paper's paths (default) or 1/N_s on every term")
     p.set_defaults(func=cmd_expand)
 
     p = sub.add_parser("interactions", help="degree-1 cross terms w·Dγ_l(x_i)[x_j] of one text: data and heatmaps")

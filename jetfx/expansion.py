@@ -318,7 +318,7 @@ def _choices(structure: ResidualStructure, blocks: tuple[str, ...]) -> tuple:
 
 
 def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAULT_MAX_PATHS, jets: str = "auto",
-           split: bool = False, degrees=None):
+           split: bool = False, degrees=None, weights: str | None = None):
     """The exponential jet expansion of a traced model, compiled into a runnable GraphModule.
 
     `paths` selects the compiled paths: a `jetfx.paths` filter, a predicate on `Path`, or path
@@ -326,15 +326,17 @@ def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAU
     paths + remainder = the model's logits exactly, whatever the selection.
 
     `split=True` (k ≥ 1) compiles the super-exponential expansion instead, every jet term split by
-    degree and by the terms it interacts with; `paths` is then a `jetfx.split` filter (see there).
+    degree and by the terms it interacts with; `paths` is then a `jetfx.split` filter (see there), and
+    `weights` "exponential" (default: Algorithm 2's 1/2^s on the paper's paths) or "uniform" (1/N_s on
+    every term of the split level); see `jetfx.split.split_terms`.
     """
     k = check_order(k)
     if split:
         from .split import expand_split
 
-        return expand_split(gm, k, paths, degrees=degrees, max_paths=max_paths, jets=jets)
-    if degrees is not None:
-        raise ExpansionError("degrees= selects parts of split jet terms: pass split=True as well")
+        return expand_split(gm, k, paths, degrees=degrees, max_paths=max_paths, jets=jets, weights=weights or "exponential")
+    if degrees is not None or weights is not None:
+        raise ExpansionError("degrees= and weights= apply to split jet terms: pass split=True as well")
     structure = residual_of(gm)
     graph = P.PathGraph(structure)
     filt = P.as_filter(paths)

@@ -70,6 +70,13 @@ class SplitPath:
         return len(self.others)
 
     @cached_property
+    def total_degree(self) -> int:
+        """Interaction edges in the whole tree; 0 for the exponential expansion's (k = 0) paths."""
+        if self.center is None:
+            return 0
+        return self.degree + self.center.total_degree + sum(o.total_degree for o in self.others)
+
+    @cached_property
     def name(self) -> str:
         if self.center is None:
             return P.ENCODER if self.block is None else self.block.name
@@ -270,6 +277,22 @@ def contains(*patterns: str) -> SplitFilter:
     return _Contains(tuple(patterns))
 
 
+def within(*patterns: str) -> SplitFilter:
+    """Every block of the tree, carried or interacting, matches one of the patterns: a sub-network's paths."""
+    if not patterns:
+        raise ExpansionError("within() needs at least one block name or pattern")
+    return _Every(lambda block, degree: block is None or any(P._matches(block, p) for p in patterns),
+                  f"within({', '.join(map(repr, patterns))})")
+
+
+def avoid(*patterns: str) -> SplitFilter:
+    """No block of the tree, carried or interacting, matches a pattern."""
+    if not patterns:
+        raise ExpansionError("avoid() needs at least one block name or pattern")
+    return _Every(lambda block, degree: block is None or not any(P._matches(block, p) for p in patterns),
+                  f"avoid({', '.join(map(repr, patterns))})")
+
+
 def only_kinds(*kinds: str) -> SplitFilter:
     """Every block of the tree, carried or interacting, is of the given kinds."""
     ks = P._check_kinds(kinds)
@@ -282,6 +305,27 @@ def no_kind(*kinds: str) -> SplitFilter:
     return _Every(lambda block, degree: block is None or block.kind not in ks, f"no_kind({', '.join(map(repr, sorted(ks)))})")
 
 
+class _ExponentialCenters(SplitFilter):
+    """Every split's center is a path of the exponential expansion (a tree of total degree 0), recursively in
+    its others too: the terms that are not identically 0 under weights="exponential". State: (degree 0, ok)."""
+
+    description = "exponential_centers()"
+
+    def leaf(self, block):
+        return (True, True)
+
+    def split(self, center, block, others):
+        return (center[0] and not others, center[0] and all(o[1] for o in others))
+
+    def accept(self, state):
+        return state[1]
+
+
+def exponential_centers() -> SplitFilter:
+    """The split paths whose jets are all taken at paths of the exponential expansion (weights="exponential")."""
+    return _ExponentialCenters()
+
+
 def as_split_filter(x) -> SplitFilter:
     if x is None:
         return all_split_paths()
@@ -289,7 +333,8 @@ def as_split_filter(x) -> SplitFilter:
         return x
     if isinstance(x, P.PathFilter):
         raise ExpansionError("this is a filter of the exponential path set (jetfx.paths); split paths take the "
-                             "filters of jetfx.split: max_degree, total_degree, interacts_with, contains, only_kinds")
+                             "filters of jetfx.split: max_degree, total_degree, interacts_with, contains, within, avoid, "
+                             "only_kinds, no_kind")
     raise ExpansionError(f"a split-path filter must be built with jetfx.split (max_degree, total_degree, "
                          f"interacts_with, contains, only_kinds, no_kind), got {type(x).__name__}")
 
@@ -310,6 +355,85 @@ def _sorted(states) -> tuple:
 
 def _multichoose(n: int, c: int) -> int:
     return math.comb(n + c - 1, c) if c else 1
+
+
+COUNT_CAP = 10**1000  # exact counts stop here: N_s squares at every step, so a deep model's would not fit in memory
+
+
+class _Saturating:
+    """Exact integer arithmetic that clamps at COUNT_CAP: results below it are exact, COUNT_CAP means ≥ COUNT_CAP."""
+
+    zero, one = 0, 1
+
+    @staticmethod
+    def add(a, b):
+        return min(a + b, COUNT_CAP)
+
+    @staticmethod
+    def mul(a, b):
+        return min(a * b, COUNT_CAP)
+
+    @staticmethod
+    def dec(a):
+        return a - 1 if a < COUNT_CAP else a
+
+    @staticmethod
+    def multichoose(n, c):
+        return min(_multichoose(n, c), COUNT_CAP)
+
+    @staticmethod
+    def positive(a):
+        return a > 0
+
+
+class _Log10:
+    """The same dynamic program on log10 of the counts (-inf for 0): an estimate for counts beyond COUNT_CAP."""
+
+    zero, one = -math.inf, 0.0
+
+    @staticmethod
+    def add(a, b):
+        hi, lo = max(a, b), min(a, b)
+        return hi if lo == -math.inf else hi + math.log10(1 + 10 ** (lo - hi))
+
+    @staticmethod
+    def mul(a, b):
+        return a + b
+
+    @staticmethod
+    def _int(a):
+        return round(10**a) if a < 15 else None
+
+    @classmethod
+    def dec(cls, a):
+        n = cls._int(a)
+        if n is None:
+            return a + math.log10(1 - 10 ** -a) if a < 300 else a
+        return math.log10(n - 1) if n > 1 else -math.inf
+
+    @classmethod
+    def multichoose(cls, a, c):
+        if c == 0:
+            return 0.0
+        if a == -math.inf:
+            return -math.inf
+        n = cls._int(a)
+        if n is not None:
+            return math.log10(_multichoose(n, c))
+        return c * a - math.log10(math.factorial(c))  # n ≥ 10^15: n + i = n to float precision
+
+    @staticmethod
+    def positive(a):
+        return a > -math.inf
+
+
+def format_count(n: int | None, log10: float) -> str:
+    """An exact count with thousands separators, or ~10^X where it is too large to read (or to compute)."""
+    if n is not None and n < 10**12:
+        return f"{n:,}"
+    if log10 < 1e6:
+        return f"~10^{log10:.1f}" if log10 < 1e4 else f"~10^{log10:,.0f}"
+    return f"~10^({log10:.3g})"
 
 
 class SplitPathGraph:
@@ -341,53 +465,82 @@ class SplitPathGraph:
         self.graph = g
 
     # one split step over level counts: yields (center state, others' states, number of terms)
-    def _combinations(self, counts: dict) -> Iterator[tuple]:
+    def _combinations(self, counts: dict, num=_Saturating) -> Iterator[tuple]:
         states = list(counts)
         for qc in states:
-            if counts[qc] == 0:
+            if not num.positive(counts[qc]):
                 continue
             avail = dict(counts)
-            avail[qc] -= 1
-            pool = [q for q in states if avail[q] > 0]
+            avail[qc] = num.dec(avail[qc])
+            pool = [q for q in states if num.positive(avail[q])]
             for d in self.degrees:
                 for ms in itertools.combinations_with_replacement(pool, d):
                     ways = counts[qc]
                     for q, c in Counter(ms).items():
-                        ways *= _multichoose(avail[q], c)
-                    if ways:
+                        ways = num.mul(ways, num.multichoose(avail[q], c))
+                    if num.positive(ways):
                         yield qc, ms, ways
 
-    def _levels(self, f: SplitFilter) -> list[dict]:
+    def _levels(self, f: SplitFilter, num=_Saturating) -> list[dict]:
         """Counts by state at every level 1…S (each level: {state: count})."""
         steps = self.structure.steps
-        level: Counter = Counter([f.leaf(None)] + [f.leaf(b) for b in steps[0].blocks])
-        levels = [dict(level)]
+        level: dict = {}
+        for q in [f.leaf(None)] + [f.leaf(b) for b in steps[0].blocks]:
+            level[q] = num.add(level.get(q, num.zero), num.one)
+        levels = [level]
         for step in steps[1:]:
-            new: Counter = Counter(level)
+            new = dict(level)
             for b in step.blocks:
-                for qc, ms, ways in self._combinations(level):
-                    new[f.split(qc, b, _sorted(ms))] += ways
+                for qc, ms, ways in self._combinations(level, num):
+                    q = f.split(qc, b, _sorted(ms))
+                    new[q] = num.add(new.get(q, num.zero), ways)
             level = new
-            levels.append(dict(level))
+            levels.append(level)
         return levels
 
+    def _count(self, f: SplitFilter, num):
+        total = num.zero
+        for qc, ms, ways in self._combinations(self._levels(f, num)[-1], num):
+            if f.accept(f.split(qc, None, _sorted(ms))):
+                total = num.add(total, ways)
+        return total
+
     def count(self, filter=None) -> int:
-        """Number of selected split paths, by dynamic programming (exact integer, never enumerated)."""
+        """Number of selected split paths, by dynamic programming: an exact integer, never enumerated.
+
+        Counts grow doubly exponentially with depth; one of 10^1000 or more raises (see `log10_count`).
+        """
         f = as_split_filter(filter)
-        last = self._levels(f)[-1]
-        return sum(ways for qc, ms, ways in self._combinations(last) if f.accept(f.split(qc, None, _sorted(ms))))
+        n = self._count(f, _Saturating)
+        if n >= COUNT_CAP:
+            raise ExpansionError(f"the filter {f!r} selects about 10^{self.log10_count(f):.4g} split paths, too many to "
+                                 "count exactly; log10_count() estimates it, describe() prints it")
+        return n
+
+    def log10_count(self, filter=None) -> float:
+        """log10 of the number of selected split paths (-inf for none), by the same program in log space."""
+        f = as_split_filter(filter)
+        n = self._count(f, _Saturating)
+        return math.log10(n) if 0 < n < COUNT_CAP else (-math.inf if n == 0 else self._count(f, _Log10))
+
+    def count_at_most(self, filter, limit: int) -> int | None:
+        """The exact count if it is ≤ limit, else None (cheap even where the count is astronomically large)."""
+        n = self._count(as_split_filter(filter), _Saturating)
+        return n if n <= limit else None
+
+    def describe(self, filter=None) -> str:
+        """The count for people: exact below 10^12, ~10^X above."""
+        f = as_split_filter(filter)
+        n = self._count(f, _Saturating)
+        return format_count(n if n < COUNT_CAP else None, self.log10_count(f) if n else -math.inf)
 
     def level_sizes(self) -> list[int]:
-        """N_1…N_S: the number of terms after each step of the unfiltered split expansion."""
-        return [sum(level.values()) for level in self._levels(all_split_paths())]
-
-    def __len__(self) -> int:  # pragma: no cover - len() cannot return huge ints
-        return self.count()
+        """N_1…N_S: the number of terms after each step of the unfiltered split expansion (COUNT_CAP: ≥ COUNT_CAP)."""
+        return [sum(level.values()) if sum(level.values()) < COUNT_CAP else COUNT_CAP
+                for level in self._levels(all_split_paths())]
 
     def __repr__(self) -> str:
-        n = self.count()
-        shown = str(n) if n < 10**12 else f"~10^{len(str(n)) - 1}"
-        return f"SplitPathGraph({self.structure.num_blocks} blocks, k={self.k}, {shown} paths)"
+        return f"SplitPathGraph({self.structure.num_blocks} blocks, k={self.k}, {self.describe()} paths)"
 
     def iter_paths(self, filter=None, *, max_intermediate: int = MAX_INTERMEDIATE_TERMS) -> Iterator[SplitPath]:
         """Selected split paths. Only terms whose state can still lead to a selected path are built."""
@@ -447,10 +600,8 @@ class SplitPathGraph:
         return useful
 
     def paths(self, filter=None, limit: int | None = None) -> list[SplitPath]:
-        if limit is not None:
-            n = self.count(filter)
-            if n > limit:
-                raise ExpansionError(f"the filter selects {n} split paths, more than the limit of {limit}")
+        if limit is not None and self.count_at_most(filter, limit) is None:
+            raise ExpansionError(f"the filter selects {self.describe(filter)} split paths, more than the limit of {limit}")
         return list(self.iter_paths(filter))
 
 
@@ -458,15 +609,24 @@ class SplitPathGraph:
 # the split expansion as terms, and its compilation
 
 
-def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=None) -> JetExpansion:
+WEIGHTS = ("uniform", "exponential")
+
+
+def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=None,
+                weights: str = "exponential") -> JetExpansion:
     """Algorithm 2 with every jet split, building only the terms the `selected` paths need.
 
-    Weights are uniform over the full level (1/N_s, as Algorithm 2 takes 1/|ξ|), whichever terms
-    are selected; what is not selected is in the remainder.
+    `weights` are the convex weights of every step's jets, whichever terms are selected (what is
+    not selected is in the remainder). "exponential" (default) takes Algorithm 2's 1/|ξ_s| on the
+    level's |ξ_s| paths of the exponential expansion (total degree 0: 2^s for a sequential model)
+    and 0 on the other terms: every jet is taken at one of the paper's paths and split by all the
+    terms it interacts with. "uniform" takes 1/N_s on each of the level's N_s terms; N_s squares at
+    every step, so beyond about ten steps these weights are 0 in float64 (refused: see
+    `check_uniform_weights`).
     """
     structure = residual_of(gm)
     steps = structure.steps
-    sizes = SplitPathGraph(structure, k, degrees).level_sizes()
+    weight_of = level_weights(SplitPathGraph(structure, k, degrees), weights)
     # which terms are needed, and the last step that uses each (S: the decoder)
     last_use: dict[SplitPath, int] = {}
 
@@ -491,14 +651,38 @@ def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=N
         made = [t for t in last_use if t.center is not None and t.block.step == s]
         keep = [i for i, t in enumerate(current) if last_use[t] > s]
         parts = _parts(current, made, steps[s].blocks)
-        w = (1 / sizes[s - 1],) * len(current)  # int / int: exact even where N_s exceeds a float
+        w = tuple(weight_of(s - 1, t) for t in current)
         if not parts and len(keep) == len(current):
             continue
         xi = _jet_expand(gm, structure, s, terms, k, w, keep=keep, split_parts=parts)
         terms = xi.terms
         current = [current[i] for i in keep] + made
     parts = _parts(current, selected, (None,))
-    return _jet_expand(gm, structure, "decoder", terms, k, (1 / sizes[-1],) * len(current), split_parts=parts)
+    return _jet_expand(gm, structure, "decoder", terms, k, tuple(weight_of(len(steps) - 1, t) for t in current),
+                       split_parts=parts)
+
+
+def level_weights(graph: SplitPathGraph, weights: str):
+    """weight(level index, term) under the named scheme (see `split_terms`), as float64."""
+    if weights == "uniform":
+        sizes = graph.level_sizes()
+        return lambda s, t: 1 / sizes[s]  # int / int: correctly rounded even where N_s exceeds a float
+    if weights == "exponential":
+        carriers = [level.get(True, 0) for level in graph._levels(max_degree(0))]
+        return lambda s, t: 1 / carriers[s] if t.total_degree == 0 else 0.0
+    raise ExpansionError(f"weights={weights!r}: the split expansion takes weights='uniform' (1/N_s on every term, "
+                         "the paper's Algorithm 2) or 'exponential' (1/2^s on the exponential expansion's paths)")
+
+
+def check_uniform_weights(graph: SplitPathGraph) -> None:
+    """Uniform weights 1/N_s vanish in float64 once N_s passes ~10^308; then every split path is exactly 0."""
+    for s, n in enumerate(graph.level_sizes()):
+        if 1 / n == 0.0:
+            shown = format_count(n, math.log10(n)) if n < COUNT_CAP else "10^1000 or more"
+            raise ExpansionError(
+                f"under weights='uniform' the split level after step {s} has {shown} terms, so its weight 1/N "
+                "is 0 in float64 and every split path of this model would be exactly 0 (all of the logits in the "
+                "remainder). Use weights='exponential': jets at the exponential expansion's paths, weights 1/2^s")
 
 
 def _parts(current: list[SplitPath], made: list[SplitPath], functions) -> tuple:
@@ -516,22 +700,30 @@ def _concat(parts: list[Terms]) -> Terms:
 
 
 def expand_split(gm: fx.GraphModule, k: int = 1, paths=None, *, degrees=None, max_paths: int = DEFAULT_MAX_PATHS,
-                 jets: str = "auto"):
-    """The split (super-exponential) expansion, compiled: one logits tensor per selected split path."""
+                 jets: str = "auto", weights: str = "exponential"):
+    """The split (super-exponential) expansion, compiled: one logits tensor per selected split path.
+
+    weights="exponential" (see `split_terms`) keeps only paths that are not identically 0 under it.
+    """
     from .passes.materialize import compile_expansion
 
     k = check_order(k)
     structure = residual_of(gm)
     graph = SplitPathGraph(structure, k, degrees)
     f = as_split_filter(paths)
-    n = graph.count(f)
+    level_weights(graph, weights)  # checks the name
+    if weights == "uniform":
+        check_uniform_weights(graph)
+    else:
+        f = f & exponential_centers()
+    n = graph.count_at_most(f, max_paths)
     if n == 0:
         raise ExpansionError(f"the split-path filter {f!r} selects no path of this model at k={k}; loosen it")
-    if n > max_paths:
-        raise ExpansionError(f"the filter {f!r} selects {n} split paths, more than max_paths={max_paths}; narrow it "
+    if n is None:
+        raise ExpansionError(f"the filter {f!r} selects {graph.describe(f)} split paths, more than max_paths={max_paths}; narrow it "
                              "(e.g. jetfx.split.max_degree(0) & jetfx.split.total_degree(max=1)) or raise max_paths")
     selected = list(graph.iter_paths(f))
-    expansion = split_terms(gm, k, selected, degrees)
+    expansion = split_terms(gm, k, selected, degrees, weights)
     module = compile_expansion(gm, expansion.terms, jets=jets, k=k)
     module.split_graph = graph
     module.selected = selected
@@ -606,5 +798,5 @@ def _label_name(label, gm) -> str:
 
 __all__ = [
     "SplitPath", "SplitFilter", "SplitPathGraph", "all_split_paths", "max_degree", "total_degree", "interacts_with",
-    "contains", "only_kinds", "no_kind", "expand_split", "split_terms", "regroup",
+    "contains", "within", "avoid", "only_kinds", "no_kind", "exponential_centers", "expand_split", "split_terms", "regroup",
 ]

@@ -113,3 +113,18 @@ def test_cli_expand_on_builtin_model(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "max |Σ paths + remainder − logits|" in out and "layers.1.mlp" in out
     assert load_expanded(str(tmp_path / "e.zip")).path_names == ("layers.1.self_attn", "layers.1.mlp")
+
+
+@real
+def test_cli_split_expansion_on_builtin_model(capsys):
+    from jetfx.cli import main
+
+    rc = main(["expand", "--split", "--within", "layers.0.mlp", "layers.1.mlp", "--max-interactions", "1", "--show", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    # 4 carriers (embed, layers.0.mlp, layers.1.mlp, both) alone or along one of the 3 others at the decoder,
+    # plus layers.1.mlp at layers.0.mlp's output along η and at η along layers.0.mlp
+    assert "~10^(" in out and "selects 18, 16 of them not identically 0 under weights='exponential'" in out
+    assert "16 paths compiled" in out and "max |Σ paths + remainder − logits|" in out
+    assert main(["expand", "--split", "--max-blocks", "1"]) == 2
+    assert "with --split use --within" in capsys.readouterr().err

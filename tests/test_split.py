@@ -266,42 +266,98 @@ def test_counts_grow_super_exponentially_without_enumeration():
     assert kinds == {"carry", "interaction"}
 
 
+def test_deep_models_count_in_log_space_and_refuse_vanishing_uniform_weights():
+    model = LinearResNet(layers=30).double()
+    ids = torch.randint(0, 11, (1, 3), generator=torch.Generator().manual_seed(0))
+    gm = jetfx.trace(model, ids, dtype=torch.float64)
+    graph = S.SplitPathGraph(gm.residual, 1)
+    # N_s squares at every step: N_30 has about 10^(3·2^25) digits, so exact counts stop at 10^1000
+    sizes = graph.level_sizes()
+    assert sizes[8] < S.COUNT_CAP == sizes[-1] and sizes[9] == sizes[8] * (1 + sizes[8])
+    with pytest.raises(jetfx.ExpansionError, match="too many to count exactly; log10_count"):
+        graph.count()
+    big = graph.log10_count()
+    assert 1e8 < big < 1e12 and graph.describe().startswith("~10^(")
+    assert graph.count(S.max_degree(0)) == 2**30 and graph.count_at_most(S.max_degree(0), 10) is None
+    # the log-space program agrees with the exact one where both apply
+    small = S.SplitPathGraph(jetfx.trace(LinearResNet(layers=8), ids).residual, 1)
+    for f in (S.all_split_paths(), S.total_degree(max=3), S.interacts_with("blocks.2") & S.max_degree(1)):
+        assert small._count(f, S._Log10) == pytest.approx(math.log10(small.count(f)), rel=1e-9)
+    # uniform weights 1/N_s are 0 in float64 from step 9 on: every split path would be 0, so refused
+    f = S.within("blocks.3", "blocks.20") & S.total_degree(max=1)
+    with pytest.raises(jetfx.ExpansionError, match="weights='uniform' .* exactly 0 .* Use weights='exponential'"):
+        jetfx.expand(gm, 1, split=True, paths=f, weights="uniform")
+    ex = jetfx.expand(gm, 1, split=True, paths=f)
+    out = ex(ids)
+    # 4 carriers (η, blocks.3, blocks.20, blocks.3>blocks.20) at the decoder, alone or along one of the 3 others
+    assert len(out.names) == graph.count(f & S.exponential_centers()) == 4 + 4 * 3
+    assert out.max_error() < 1e-12 * out.logits.abs().max()
+    with torch.no_grad():  # η → blocks.3 → decoder, weights 1/2^3 and 1/2^30 (Algorithm 2's 1/|ξ|)
+        want = model.unembed(model.blocks[3](model.embed(ids))) / 2**33
+        assert _rel(out["blocks.3"], want) < 1e-12
+        assert out["blocks.3"].abs().max() > 0
+
+
 # --- the compiled split expansion ---------------------------------------------------------------
 
 
-def test_split_expansion_matches_eager_jvps_and_is_exact():
-    model = TwoBlockToy().double()
-    ids = torch.randint(0, 13, (2, 4), generator=torch.Generator().manual_seed(3))
-    gm = jetfx.trace(model, ids, dtype=torch.float64)
-    ex = jetfx.expand(gm, 1, split=True)
-    out = ex(ids)
-    assert len(out.names) == 36 and len(set(out.names)) == 36
-    assert out.max_error() < 1e-12 * out.logits.abs().max()
+def _eager_value(model, ids, weight):
+    """A split path's logits by eager jvps, with `weight(level index, center)` the jet weights."""
     blocks = {"block1": model.block1, "block2": model.block2}
-    sizes = S.SplitPathGraph(gm.residual, 1).level_sizes()
 
     def value(p: S.SplitPath):
         if p.center is None:
             e = model.embed(ids)
             return e if p.block is None else model.block1(e)
         f = (lambda h: model.unembed(model.norm(h))) if p.block is None else blocks[p.block.name]
-        w = 1 / sizes[-1] if p.block is None else 1 / sizes[p.block.step - 1]
+        w = weight(-1 if p.block is None else p.block.step - 1, p.center)
         x = value(p.center)
         if not p.others:
             return w * f(x)
         return w * torch.func.jvp(f, (x,), (value(p.others[0]),))[1]
 
+    return value
+
+
+def test_split_expansion_matches_eager_jvps_and_is_exact():
+    model = TwoBlockToy().double()
+    ids = torch.randint(0, 13, (2, 4), generator=torch.Generator().manual_seed(3))
+    gm = jetfx.trace(model, ids, dtype=torch.float64)
+    ex = jetfx.expand(gm, 1, split=True, weights="uniform")
+    out = ex(ids)
+    assert len(out.names) == 36 and len(set(out.names)) == 36
+    assert out.max_error() < 1e-12 * out.logits.abs().max()
+    sizes = S.SplitPathGraph(gm.residual, 1).level_sizes()
+    value = _eager_value(model, ids, lambda s, center: 1 / sizes[s])
     with torch.no_grad():
         for p in ex.selected:
             assert (out[p.name] - value(p)).abs().max() < 1e-12 * out.logits.abs().max(), p.name
     # a filter compiles only the selected paths; the rest is in the remainder
-    sub = jetfx.expand(gm, 1, split=True, paths=S.interacts_with("block1") & S.max_degree(1))
+    sub = jetfx.expand(gm, 1, split=True, paths=S.interacts_with("block1") & S.max_degree(1), weights="uniform")
     o2 = sub(ids)
     assert len(o2.names) == ex.split_graph.count(S.interacts_with("block1") & S.max_degree(1))
     assert all("block1" in n.split("[", 1)[1] for n in o2.names)
     for n in o2.names:
         assert (o2[n] - out[n]).abs().max() < 1e-12 * out.logits.abs().max()
     assert o2.max_error() < 1e-12 * out.logits.abs().max()
+
+
+def test_exponential_weights_take_jets_at_the_papers_paths_only():
+    model = TwoBlockToy().double()
+    ids = torch.randint(0, 13, (2, 4), generator=torch.Generator().manual_seed(4))
+    gm = jetfx.trace(model, ids, dtype=torch.float64)
+    ex = jetfx.expand(gm, 1, split=True)  # weights="exponential"
+    out = ex(ids)
+    graph = ex.split_graph
+    assert len(out.names) == graph.count(S.exponential_centers()) < graph.count()
+    assert out.max_error() < 1e-12 * out.logits.abs().max()
+    # |ξ_s| = 2^s paths of total degree 0 per level, weight 1/2^s on each, 0 on the rest
+    carriers = [2, 4]  # η, block1 | and block2 at each
+    value = _eager_value(model, ids, lambda s, center: 1 / carriers[s] if center.total_degree == 0 else 0.0)
+    with torch.no_grad():
+        for p in ex.selected:
+            assert p.center.total_degree == 0
+            assert (out[p.name] - value(p)).abs().max() < 1e-12 * out.logits.abs().max(), p.name
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -326,6 +382,10 @@ def test_bad_split_requests_say_what_to_do():
         jetfx.expand(gm, 1, split=True, paths=jetfx.paths.max_blocks(1))
     with pytest.raises(jetfx.ExpansionError, match="more than max_paths"):
         jetfx.expand(gm, 1, split=True)
+    with pytest.raises(jetfx.ExpansionError, match="weights='uniform' .* or 'exponential'"):
+        jetfx.expand(gm, 1, split=True, paths=S.max_degree(0), weights="optimized")
+    with pytest.raises(jetfx.ExpansionError, match="pass split=True"):
+        jetfx.expand(gm, 1, weights="uniform")
     with pytest.raises(jetfx.ExpansionError, match="max_degree needs a non-negative integer"):
         S.max_degree(-1)
     with pytest.raises(jetfx.ExpansionError, match="max_terms"):
