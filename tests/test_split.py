@@ -30,7 +30,7 @@ def traced64(arch: str):
 
 
 def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+    return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
 # --- mixed coefficients ---------------------------------------------------------------------------
