@@ -29,7 +29,7 @@ from torch import fx
 
 from . import paths as P
 from .errors import ExpansionError, InputError
-from .functions import block_region, capture, logits_node, split_decoder
+from .functions import block_region, capture, device_of, logits_node, split_decoder
 from .tracing import as_tokens, info_of, residual_of
 
 CHUNK = 64  # directions per vmap call
@@ -206,6 +206,7 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
     ids = tokens if isinstance(tokens, torch.Tensor) else as_tokens(tokens, tokenizer)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
+    ids = ids.to(device_of(gm))
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise InputError(f"the interaction view takes one input (a text or tokens of shape (1, T)), got shape "
                          f"{tuple(ids.shape)}; run it once per text")

@@ -390,3 +390,38 @@ def test_bad_split_requests_say_what_to_do():
         S.max_degree(-1)
     with pytest.raises(jetfx.ExpansionError, match="max_terms"):
         jetfx.jet_expand(gm, 1, centers * 30, 3, split=True)
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+
+def _split_and_view_on(device: str):
+    """The split expansion and the interaction view on `device` equal the CPU's (float64)."""
+    from jetfx.interactions import interactions
+
+    model, gm = traced64("llama")
+    ids = tokens()
+    f = S.total_degree(max=1) & S.within("model.layers.0.*", "model.layers.1.mlp")
+    ex = jetfx.expand(gm, 1, split=True, paths=f)
+    with torch.no_grad():
+        cpu = ex(ids)
+        ex.to(device)
+        dev = ex(ids.to(device))
+        ex.to("cpu")
+    assert dev.logits.device.type == torch.device(device).type and len(dev.names) == len(cpu.names) > 20
+    scale = float(cpu.logits.abs().max())
+    assert dev.max_error() < 1e-10 * scale
+    assert max(float((dev[n].cpu() - cpu[n]).abs().max()) for n in cpu.names) < 1e-10 * scale
+    one = ids[:1]
+    want = interactions(gm, one, progress=False)
+    got = interactions(gm.to(device), one, progress=False)
+    gm.to("cpu")
+    assert [(r.block, r.center, r.direction) for r in got.records] == [(r.block, r.center, r.direction)
+                                                                      for r in want.records]
+    for a, b in zip(got.records, want.records):
+        assert a.size == pytest.approx(b.size, rel=1e-9, abs=1e-12) and a.effect == pytest.approx(b.effect, abs=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (checked on the GPU machine)")
+def test_split_expansion_and_interaction_view_run_on_cuda():
+    _split_and_view_on("cuda")
