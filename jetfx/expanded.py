@@ -69,7 +69,8 @@ class ExpandedModule(fx.GraphModule):
         """SVG of the path graph with this module's paths highlighted; written to `path` if given."""
         from .pictures import render_path_graph
 
-        svg = render_path_graph(self.path_graph, selected=self.selected, **kw)
+        graph = getattr(self, "split_graph", None) or self.path_graph  # split expansions: carry + interaction edges
+        svg = render_path_graph(graph, selected=self.selected, **kw)
         if path is not None:
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(svg)

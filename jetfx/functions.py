@@ -20,12 +20,13 @@ from .structure import Block
 from .tracing import residual_of
 
 
-def _cache(gm: fx.GraphModule) -> dict:
-    cache = gm.__dict__.get("_jetfx_cache")
-    if cache is None:
-        cache = {}
-        gm.__dict__["_jetfx_cache"] = cache
-    return cache
+def cache_of(gm: fx.GraphModule) -> dict:
+    """Regions and probes of `gm`, kept per device and dtype of its weights: they hold references to
+    its buffers and views of its weights, which `gm.to(...)` replaces rather than moves."""
+    caches = gm.__dict__.setdefault("_jetfx_cache", {})
+    first = next(iter((*gm.parameters(), *gm.buffers())), None)
+    key = (first.device, first.dtype) if first is not None else None
+    return caches.setdefault(key, {})
 
 
 def block_region(gm: fx.GraphModule, block: Block | str) -> Region:
@@ -33,7 +34,7 @@ def block_region(gm: fx.GraphModule, block: Block | str) -> Region:
     structure = residual_of(gm)
     b = structure.block(block) if isinstance(block, str) else block
     key = ("block", b.name)
-    cache = _cache(gm)
+    cache = cache_of(gm)
     if key not in cache:
         region = extract_region(gm, b.input, b.output, b.nodes)
         decompose_for_jets(region.module)
@@ -45,7 +46,7 @@ def decoder_region(gm: fx.GraphModule) -> Region:
     """υ = U∘γ_{L+1} as a GraphModule `f(x, *side)`; `x` is the last stream node."""
     structure = residual_of(gm)
     key = ("decoder",)
-    cache = _cache(gm)
+    cache = cache_of(gm)
     if key not in cache:
         d = structure.decoder
         region = extract_region(gm, d.input, d.output, d.nodes)
@@ -66,7 +67,7 @@ class DecoderSplit:
 def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
     """The decoder split at its unembedding, or None when it does not end in a linear map."""
     key = ("decoder-split",)
-    cache = _cache(gm)
+    cache = cache_of(gm)
     if key in cache:
         return cache[key]
     d = residual_of(gm).decoder
@@ -107,7 +108,7 @@ def device_of(module: torch.nn.Module) -> torch.device:
 def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:
     """A copy of the traced graph that returns the values of the nodes `names` (a tuple)."""
     key = ("probe", names)
-    cache = _cache(gm)
+    cache = cache_of(gm)
     if key not in cache:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}

@@ -38,12 +38,27 @@ def make_device_agnostic(gm: fx.GraphModule, anchor: str | None = None) -> fx.Gr
     """Replace constant devices by `anchor.device` (default: the first placeholder).
 
     Returns `gm`, modified in place and recompiled. A graph without placeholders is left alone.
+    Subgraphs of higher-order ops (some torch versions export `wrap_with_autocast` around rotary
+    embeddings) get the same treatment, anchored at their first tensor input.
     """
+    for _, sub in list(gm.named_modules()):
+        if sub is not gm and isinstance(sub, fx.GraphModule):
+            inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            tensors = [n for n in inputs if isinstance(n.meta.get("val", n.meta.get("example_value")), torch.Tensor)]
+            tensors = tensors or inputs[:1]
+            if tensors:
+                _replace_in_graph(sub, tensors[0])
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:
         return gm
     anchor_node = next((p for p in placeholders if p.name == anchor), placeholders[0])
+    return _replace_in_graph(gm, anchor_node)
+
+
+def _replace_in_graph(gm: fx.GraphModule, anchor_node: fx.Node) -> fx.GraphModule:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     targets = [n for n in graph.nodes if n.op != "placeholder" and (_has_device(n.args) or _has_device(n.kwargs))]
     if not targets:
         return gm
@@ -58,5 +73,6 @@ def make_device_agnostic(gm: fx.GraphModule, anchor: str | None = None) -> fx.Gr
 
 
 def constant_devices(gm: fx.GraphModule) -> list[str]:
-    """Names of nodes that still carry a constant device (empty after the pass)."""
-    return [n.name for n in gm.graph.nodes if _has_device(n.args) or _has_device(n.kwargs)]
+    """Names of nodes, subgraphs included, that still carry a constant device (empty after the pass)."""
+    return [f"{prefix}{'.' if prefix else ''}{n.name}" for prefix, m in gm.named_modules()
+            if isinstance(m, fx.GraphModule) for n in m.graph.nodes if _has_device(n.args) or _has_device(n.kwargs)]

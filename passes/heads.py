@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from jetfx.errors import ExpansionError
-from jetfx.functions import block_region
+from jetfx.functions import block_region, cache_of
 from jetfx.tracing import residual_of
 
 from ._graph import aten, fetch_attr
@@ -120,7 +120,7 @@ def head_branch(gm: fx.GraphModule, block, head: int, num_heads: int | None = No
     split = analyze(gm, block, num_heads)
     if not isinstance(head, int) or not 0 <= head < split.num_heads:
         raise ExpansionError(f"head {head!r} is out of range: {split.block} has {split.num_heads} heads")
-    cache = gm.__dict__.setdefault("_jetfx_cache", {})
+    cache = cache_of(gm)
     key = ("head", split.block, head, split.num_heads)
     if key in cache:
         return cache[key]

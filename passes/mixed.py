@@ -105,7 +105,7 @@ class MixedJet(torch.nn.Module):
         if self.degree == 0:
             return torch.func.vmap(lambda x: self.region(x, *side))(centers)
         n, p = centers.shape[0], self.points.shape[0]
-        points = self.points.to(directions.dtype)
+        points = self.points.to(directions.device, directions.dtype)
         # u(a) = Σ_j a_j u_j for every point a: (N, P, …)
         u = torch.einsum("ps,ns...->np...", points, directions).reshape(n * p, *centers.shape[1:])
         x = centers.unsqueeze(1).expand(n, p, *centers.shape[1:]).reshape(n * p, *centers.shape[1:])
@@ -116,7 +116,7 @@ class MixedJet(torch.nn.Module):
 
         parts = [torch.func.vmap(top)(x[i:i + CHUNK], u[i:i + CHUNK]) for i in range(0, n * p, CHUNK)]
         c = torch.cat(parts).reshape(n, p, *parts[0].shape[1:])
-        return torch.einsum("p,np...->n...", self.weights.to(c.dtype), c)
+        return torch.einsum("p,np...->n...", self.weights.to(c.device, c.dtype), c)
 
 
 def mixed_jet(region: fx.GraphModule, multiplicities: tuple[int, ...]) -> MixedJet:

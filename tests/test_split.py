@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import shutil
 import math
 import warnings
 from fractions import Fraction
@@ -409,9 +410,11 @@ def _split_and_view_on(device: str):
         dev = ex(ids.to(device))
         ex.to("cpu")
     assert dev.logits.device.type == torch.device(device).type and len(dev.names) == len(cpu.names) > 20
-    scale = float(cpu.logits.abs().max())
+    # relative to the largest path: paths can exceed the logits they sum to (and cancel)
+    scale = max(float(cpu.logits.abs().max()), max(float(cpu[n].abs().max()) for n in cpu.names))
     assert dev.max_error() < 1e-10 * scale
-    assert max(float((dev[n].cpu() - cpu[n]).abs().max()) for n in cpu.names) < 1e-10 * scale
+    # across devices only to 1e-8: Llama's rotary tables are float32 in the model itself (cos/sin differ)
+    assert max(float((dev[n].cpu() - cpu[n]).abs().max()) for n in cpu.names) < 1e-8 * scale
     one = ids[:1]
     want = interactions(gm, one, progress=False)
     got = interactions(gm.to(device), one, progress=False)
@@ -419,9 +422,25 @@ def _split_and_view_on(device: str):
     assert [(r.block, r.center, r.direction) for r in got.records] == [(r.block, r.center, r.direction)
                                                                       for r in want.records]
     for a, b in zip(got.records, want.records):
-        assert a.size == pytest.approx(b.size, rel=1e-9, abs=1e-12) and a.effect == pytest.approx(b.effect, abs=1e-9)
+        assert a.size == pytest.approx(b.size, rel=1e-7, abs=1e-10) and a.effect == pytest.approx(b.effect, abs=1e-8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (checked on the GPU machine)")
 def test_split_expansion_and_interaction_view_run_on_cuda():
     _split_and_view_on("cuda")
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed (apt-get install graphviz)")
+def test_split_expansion_renders_carry_and_interaction_edges(tmp_path):
+    from jetfx.pictures import split_edges
+
+    model = TwoBlockToy().double()
+    gm = jetfx.trace(model, torch.randint(0, 13, (1, 4)), dtype=torch.float64)
+    ex = jetfx.expand(gm, 1, split=True, paths=S.interacts_with("block1") & S.max_degree(1))
+    carry, interact = split_edges(ex.selected)
+    # every selected path differentiates along a term through block1, which reaches block2 or the decoder
+    assert ("block1", "block2") in interact or ("block1", "logits") in interact
+    assert all(v in ("block2", "logits") for _, v in interact)
+    svg = ex.render(str(tmp_path / "split.svg"))
+    assert svg.count('stroke-dasharray') == len(interact) and f"{len(ex.selected)} selected" in svg
+    assert (tmp_path / "split.svg").read_text() == svg
