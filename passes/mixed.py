@@ -14,8 +14,8 @@ once per (s, d). This is the scheme of Griewank, Utke and Walther (Math. Comp. 2
 Cost, and why this and not multivariate Taylor mode: a term of degree d with s distinct directions
 costs at most C(s−1+d, d) univariate passes of order d (each O(d²) times a forward), run batched
 through the Taylor-mode graph that is already tested against nested AD for every op; points whose
-interpolation weight is zero are skipped (degree 1: one pass, a jvp; degree 2 with two directions:
-3 passes). Multivariate Taylor mode would propagate all C(s+d, d) mixed coefficients through every
+interpolation weight is zero are skipped (degree 1: one pass, a jvp), and d distinct directions
+use the polarization identity instead (2^{d−1} passes: 2 at degree 2, 4 at degree 3). Multivariate Taylor mode would propagate all C(s+d, d) mixed coefficients through every
 op with multivariate Cauchy products and needs a second rule for every op; it pays off only when
 many terms share a center and all their directions, which the split does not need.
 """
@@ -57,13 +57,28 @@ def _solve_exact(m: list[list[Fraction]]) -> list[list[Fraction]]:
 
 @lru_cache(maxsize=None)
 def interpolation_row(multiplicities: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], float], ...]:
-    """((point a, weight), …) with coef_m = Σ weight · c_d(a), zero weights dropped."""
+    """((point a, weight), …) with coef_m = Σ weight · c_d(a), zero weights dropped.
+
+    d ≥ 2 distinct directions (all m_j = 1) use polarization instead: D^d f[u_1, …, u_d] =
+    2^{1−d} Σ_{ε ∈ {±1}^d, ε_1 = 1} (Π ε_j)·c_d(Σ ε_j u_j) — 2^{d−1} passes instead of C(2d−1, d)
+    (2 vs 3 at d = 2, 4 vs 10 at d = 3), with weights of equal magnitude.
+    """
     s, d = len(multiplicities), sum(multiplicities)
+    if d >= 2 and all(m == 1 for m in multiplicities):
+        signs = [(1, *rest) for rest in itertools.product((1, -1), repeat=d - 1)]
+        return tuple((eps, float(Fraction(_product(eps), 2 ** (d - 1)))) for eps in signs)
     points = lattice(s, d)
     vander = [[Fraction(_monomial(a, n)) for n in points] for a in points]  # rows: points, cols: monomials
     inverse = _solve_exact(vander)  # rows: monomials, cols: points
     row = inverse[points.index(tuple(multiplicities))]
     return tuple((a, float(w)) for a, w in zip(points, row) if w != 0)
+
+
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
 
 
 def _monomial(a, n) -> int:
