@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-interactions", type=int, default=None, help="with --split: at most N interaction edges")
     p.add_argument("--interacts-with", nargs="*", default=None, help="with --split: interacts with matching blocks")
     p.add_argument("--within", nargs="*", default=None, help="with --split: every block (carried or interacting) matches")
+    # jetfx.split.WEIGHTS, spelled out: the parser is built without importing torch
     p.add_argument("--weights", choices=("exponential", "uniform"), default="exponential",
                    help="with --split: jet weights 1/2^s on the paper's paths (default) or 1/N_s on every term")
     p.set_defaults(func=cmd_expand)

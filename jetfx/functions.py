@@ -8,6 +8,7 @@ the values of the named nodes (stream nodes, block outputs, side inputs).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ def cache_of(gm: fx.GraphModule) -> dict:
     """Regions and probes of `gm`, kept per device and dtype of its weights: they hold references to
     its buffers and views of its weights, which `gm.to(...)` replaces rather than moves."""
     caches = gm.__dict__.setdefault("_jetfx_cache", {})
-    first = next(iter((*gm.parameters(), *gm.buffers())), None)
+    first = _first_tensor(gm)
     key = (first.device, first.dtype) if first is not None else None
     return caches.setdefault(key, {})
 
@@ -98,11 +99,14 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
     return result
 
 
+def _first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
+    return next(itertools.chain(module.parameters(), module.buffers()), None)
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's weights live (CPU for a module without any)."""
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
+    first = _first_tensor(module)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:

@@ -505,6 +505,10 @@ class SplitPathGraph:
                 total = num.add(total, ways)
         return total
 
+    def _log10(self, f: SplitFilter, n: int) -> float:
+        """log10 of a count `n` from the saturating program; the log-space program only where it saturated."""
+        return math.log10(n) if 0 < n < COUNT_CAP else (-math.inf if n == 0 else self._count(f, _Log10))
+
     def count(self, filter=None) -> int:
         """Number of selected split paths, by dynamic programming: an exact integer, never enumerated.
 
@@ -513,15 +517,14 @@ class SplitPathGraph:
         f = as_split_filter(filter)
         n = self._count(f, _Saturating)
         if n >= COUNT_CAP:
-            raise ExpansionError(f"the filter {f!r} selects about 10^{self.log10_count(f):.4g} split paths, too many to "
+            raise ExpansionError(f"the filter {f!r} selects about 10^{self._log10(f, n):.4g} split paths, too many to "
                                  "count exactly; log10_count() estimates it, describe() prints it")
         return n
 
     def log10_count(self, filter=None) -> float:
         """log10 of the number of selected split paths (-inf for none), by the same program in log space."""
         f = as_split_filter(filter)
-        n = self._count(f, _Saturating)
-        return math.log10(n) if 0 < n < COUNT_CAP else (-math.inf if n == 0 else self._count(f, _Log10))
+        return self._log10(f, self._count(f, _Saturating))
 
     def count_at_most(self, filter, limit: int) -> int | None:
         """The exact count if it is ≤ limit, else None (cheap even where the count is astronomically large)."""
@@ -532,7 +535,7 @@ class SplitPathGraph:
         """The count for people: exact below 10^12, ~10^X above."""
         f = as_split_filter(filter)
         n = self._count(f, _Saturating)
-        return format_count(n if n < COUNT_CAP else None, self.log10_count(f) if n else -math.inf)
+        return format_count(n if n < COUNT_CAP else None, self._log10(f, n))
 
     def level_sizes(self) -> list[int]:
         """N_1…N_S: the number of terms after each step of the unfiltered split expansion (COUNT_CAP: ≥ COUNT_CAP)."""
@@ -609,11 +612,11 @@ class SplitPathGraph:
 # the split expansion as terms, and its compilation
 
 
-WEIGHTS = ("uniform", "exponential")
+WEIGHTS = ("exponential", "uniform")  # the schemes of `split_terms`, default first
 
 
 def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=None,
-                weights: str = "exponential") -> JetExpansion:
+                weights: str = "exponential", *, weight_of=None) -> JetExpansion:
     """Algorithm 2 with every jet split, building only the terms the `selected` paths need.
 
     `weights` are the convex weights of every step's jets, whichever terms are selected (what is
@@ -622,11 +625,11 @@ def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=N
     and 0 on the other terms: every jet is taken at one of the paper's paths and split by all the
     terms it interacts with. "uniform" takes 1/N_s on each of the level's N_s terms; N_s squares at
     every step, so beyond about ten steps these weights are 0 in float64 (refused: see
-    `check_uniform_weights`).
+    `level_weights`). `weight_of`: those weights as made by `level_weights`, if at hand.
     """
     structure = residual_of(gm)
     steps = structure.steps
-    weight_of = level_weights(SplitPathGraph(structure, k, degrees), weights)
+    weight_of = weight_of or level_weights(SplitPathGraph(structure, k, degrees), weights)
     # which terms are needed, and the last step that uses each (S: the decoder)
     last_use: dict[SplitPath, int] = {}
 
@@ -663,26 +666,26 @@ def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=N
 
 
 def level_weights(graph: SplitPathGraph, weights: str):
-    """weight(level index, term) under the named scheme (see `split_terms`), as float64."""
+    """weight(level index, term) under the named scheme (see `split_terms`), as float64.
+
+    Uniform weights 1/N_s vanish in float64 once N_s passes ~10^308, and every split path would be
+    exactly 0: refused here, where the weights are made.
+    """
+    if weights not in WEIGHTS:
+        raise ExpansionError(f"weights={weights!r}: the split expansion takes weights='uniform' (1/N_s on every "
+                             "term) or 'exponential' (1/2^s on the exponential expansion's paths, Algorithm 2's)")
     if weights == "uniform":
         sizes = graph.level_sizes()
-        return lambda s, t: 1 / sizes[s]  # int / int: correctly rounded even where N_s exceeds a float
-    if weights == "exponential":
-        carriers = [level.get(True, 0) for level in graph._levels(max_degree(0))]
-        return lambda s, t: 1 / carriers[s] if t.total_degree == 0 else 0.0
-    raise ExpansionError(f"weights={weights!r}: the split expansion takes weights='uniform' (1/N_s on every term, "
-                         "the paper's Algorithm 2) or 'exponential' (1/2^s on the exponential expansion's paths)")
-
-
-def check_uniform_weights(graph: SplitPathGraph) -> None:
-    """Uniform weights 1/N_s vanish in float64 once N_s passes ~10^308; then every split path is exactly 0."""
-    for s, n in enumerate(graph.level_sizes()):
-        if 1 / n == 0.0:
-            shown = format_count(n, math.log10(n)) if n < COUNT_CAP else "10^1000 or more"
-            raise ExpansionError(
-                f"under weights='uniform' the split level after step {s} has {shown} terms, so its weight 1/N "
-                "is 0 in float64 and every split path of this model would be exactly 0 (all of the logits in the "
-                "remainder). Use weights='exponential': jets at the exponential expansion's paths, weights 1/2^s")
+        for s, n in enumerate(sizes):
+            if 1 / n == 0.0:  # int / int: correctly rounded even where N_s exceeds a float
+                shown = format_count(n, math.log10(n)) if n < COUNT_CAP else "10^1000 or more"
+                raise ExpansionError(
+                    f"under weights='uniform' the split level after step {s} has {shown} terms, so its weight 1/N "
+                    "is 0 in float64 and every split path of this model would be exactly 0 (all of the logits in "
+                    "the remainder). Use weights='exponential': jets at the exponential expansion's paths, weights 1/2^s")
+        return lambda s, t: 1 / sizes[s]
+    carriers = [level.get(True, 0) for level in graph._levels(max_degree(0))]
+    return lambda s, t: 1 / carriers[s] if t.total_degree == 0 else 0.0
 
 
 def _parts(current: list[SplitPath], made: list[SplitPath], functions) -> tuple:
@@ -711,10 +714,8 @@ def expand_split(gm: fx.GraphModule, k: int = 1, paths=None, *, degrees=None, ma
     structure = residual_of(gm)
     graph = SplitPathGraph(structure, k, degrees)
     f = as_split_filter(paths)
-    level_weights(graph, weights)  # checks the name
-    if weights == "uniform":
-        check_uniform_weights(graph)
-    else:
+    weight_of = level_weights(graph, weights)  # a bad name or vanishing weights fail before paths are counted
+    if weights == "exponential":
         f = f & exponential_centers()
     n = graph.count_at_most(f, max_paths)
     if n == 0:
@@ -723,7 +724,7 @@ def expand_split(gm: fx.GraphModule, k: int = 1, paths=None, *, degrees=None, ma
         raise ExpansionError(f"the filter {f!r} selects {graph.describe(f)} split paths, more than max_paths={max_paths}; narrow it "
                              "(e.g. jetfx.split.max_degree(0) & jetfx.split.total_degree(max=1)) or raise max_paths")
     selected = list(graph.iter_paths(f))
-    expansion = split_terms(gm, k, selected, degrees, weights)
+    expansion = split_terms(gm, k, selected, degrees, weights, weight_of=weight_of)
     module = compile_expansion(gm, expansion.terms, jets=jets, k=k)
     module.split_graph = graph
     module.selected = selected

@@ -15,14 +15,16 @@ Cost, and why this and not multivariate Taylor mode: a term of degree d with s d
 costs at most C(s−1+d, d) univariate passes of order d (each O(d²) times a forward), run batched
 through the Taylor-mode graph that is already tested against nested AD for every op; points whose
 interpolation weight is zero are skipped (degree 1: one pass, a jvp), and d distinct directions
-use the polarization identity instead (2^{d−1} passes: 2 at degree 2, 4 at degree 3). Multivariate Taylor mode would propagate all C(s+d, d) mixed coefficients through every
-op with multivariate Cauchy products and needs a second rule for every op; it pays off only when
-many terms share a center and all their directions, which the split does not need.
+use the polarization identity instead (2^{d−1} passes: 2 at degree 2, 4 at degree 3).
+Multivariate Taylor mode would propagate all C(s+d, d) mixed coefficients through every op with
+multivariate Cauchy products and needs a second rule for every op; it pays off only when many
+terms share a center and all their directions, which the split does not need.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from fractions import Fraction
 from functools import lru_cache
 
@@ -66,7 +68,7 @@ def interpolation_row(multiplicities: tuple[int, ...]) -> tuple[tuple[tuple[int,
     s, d = len(multiplicities), sum(multiplicities)
     if d >= 2 and all(m == 1 for m in multiplicities):
         signs = [(1, *rest) for rest in itertools.product((1, -1), repeat=d - 1)]
-        return tuple((eps, float(Fraction(_product(eps), 2 ** (d - 1)))) for eps in signs)
+        return tuple((eps, float(Fraction(math.prod(eps), 2 ** (d - 1)))) for eps in signs)
     points = lattice(s, d)
     vander = [[Fraction(_monomial(a, n)) for n in points] for a in points]  # rows: points, cols: monomials
     inverse = _solve_exact(vander)  # rows: monomials, cols: points
@@ -74,18 +76,8 @@ def interpolation_row(multiplicities: tuple[int, ...]) -> tuple[tuple[tuple[int,
     return tuple((a, float(w)) for a, w in zip(points, row) if w != 0)
 
 
-def _product(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
 def _monomial(a, n) -> int:
-    out = 1
-    for ai, ni in zip(a, n):
-        out *= ai**ni
-    return out
+    return math.prod(ai**ni for ai, ni in zip(a, n))
 
 
 def directional_graph(region: fx.GraphModule, d: int) -> fx.GraphModule:
