@@ -26,6 +26,10 @@ class InputError(JetfxError):
     """Tokens or text given to a traced or expanded module are unusable."""
 
 
+class ExportError(JetfxError):
+    """An expanded module could not be exported, or a file is not a valid jetfx export."""
+
+
 class MissingDependencyError(JetfxError, ImportError):
     """An optional program or package is needed for this feature."""
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import check_order
+from .passes.batching import map_centers
 
 
 def _derivatives(g: Callable[[torch.Tensor], torch.Tensor], t0: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -113,7 +114,7 @@ class Evaluate(torch.nn.Module):
         self.region = region
 
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
-        return torch.func.vmap(lambda x: self.region(x, *side))(centers)
+        return map_centers(lambda x: self.region(x, *side), centers)
 
 
 def jet_module(region: torch.nn.Module, k: int, method: str = "auto") -> torch.nn.Module:

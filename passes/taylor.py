@@ -39,6 +39,7 @@ from torch import fx
 
 from ..errors import ExpansionError, check_order
 from ._graph import aten
+from .batching import map_centers
 
 __all__ = ["TaylorJet", "taylor_graph_module", "RULES", "supported_ops"]
 
@@ -1124,7 +1125,7 @@ class TaylorJet(torch.nn.Module):
             def one(x):
                 return tuple(gm(x, variate, *side))
 
-            cs = list(torch.func.vmap(one)(centers))
+            cs = list(map_centers(one, centers))
         if coefficients:
             return torch.stack(cs)
         out = cs[0]
