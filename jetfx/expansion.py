@@ -26,7 +26,7 @@ from torch import fx
 
 from . import paths as P
 from .errors import ExpansionError, check_order
-from .structure import ResidualStructure
+from .structure import Block, ResidualStructure
 from .terms import LOGITS, STREAM, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, SplitJet, Stream, Terms
 from .tracing import info_of, residual_of
 
@@ -80,8 +80,18 @@ def encoder(gm: fx.GraphModule) -> Stream:
 
 
 def branch(gm: fx.GraphModule, block) -> Branch:
-    """The model's own block output γ_b(h) as a center."""
-    return Branch(residual_of(gm).block(block) if isinstance(block, str) else block)
+    """The model's own block output γ_b(h) as a center: a block name, index or `Block`."""
+    structure = residual_of(gm)
+    if isinstance(block, Block):
+        return Branch(block)
+    if isinstance(block, int) and not isinstance(block, bool):
+        if not -structure.num_blocks <= block < structure.num_blocks:
+            raise ExpansionError(f"block index {block} is out of range: the model has {structure.num_blocks} blocks")
+        return Branch(structure.blocks[block])
+    if isinstance(block, str):
+        return Branch(structure.block(block))
+    raise ExpansionError(f"a branch center takes a block name (e.g. {structure.blocks[0].name!r}), an index or a "
+                         f"Block, got {type(block).__name__}")
 
 
 def constant(gm: fx.GraphModule, value: torch.Tensor, names: Sequence[str] | str | None = None) -> Constant:

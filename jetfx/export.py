@@ -120,8 +120,11 @@ def _example(ex: ExpandedModule, tokens) -> torch.Tensor:
 
 
 def _specialized_dims(error: Exception) -> list[str]:
-    text = str(error)
-    return [name for i, name in ((0, "batch"), (1, "sequence length")) if f"size()[{i}]" in text and "specialized" in text]
+    """Which of the token dimensions torch.export had to fix ("Constraints violated (batch, length)")."""
+    head = str(error).split("!")[0]
+    if "Constraints violated" not in head:
+        return []
+    return [label for dim, label in (("batch", "batch"), ("length", "sequence length")) if dim in head]
 
 
 def _why_static(ex: ExpandedModule) -> str:

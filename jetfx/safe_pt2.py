@@ -57,12 +57,12 @@ _OTHER_TARGETS = frozenset({
     "math.ceil", "math.floor", "math.trunc", "math.sqrt",
     "torch.sym_int", "torch.sym_float", "torch.sym_max", "torch.sym_min", "torch.sym_not", "torch.sym_ite",
     "torch.sym_sum", "torch.sym_sqrt", "torch._sym_sqrt",
-    # torch.export keeps vmap as these markers around the batched region
-    "torch._functorch.predispatch.lazy_load_decompositions", "torch._functorch.predispatch._vmap_increment_nesting",
-    "torch._functorch.predispatch._vmap_decrement_nesting", "torch._functorch.predispatch._add_batch_dim",
-    "torch._functorch.predispatch._remove_batch_dim",
     "torch._C._set_grad_enabled",
-})
+}) | frozenset(  # torch.export keeps vmap and jvp as these markers around the transformed region
+    f"torch._functorch.predispatch.{n}" for n in (
+        "lazy_load_decompositions", "_vmap_increment_nesting", "_vmap_decrement_nesting", "_add_batch_dim",
+        "_remove_batch_dim", "_jvp_increment_nesting", "_jvp_decrement_nesting", "_enter_dual_level",
+        "_exit_dual_level", "_make_dual", "_unpack_dual", "_unwrap_for_grad"))
 _ATEN = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")
 _TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict"})
 
