@@ -129,6 +129,14 @@ def cmd_expand(args) -> int:
 
         export(ex, args.export)
         print(f"wrote {args.export}")
+    from .expanded import exactness_tolerance
+
+    rel = out.relative_error()
+    if not rel <= exactness_tolerance(out.logits.dtype):
+        print(f"error: the expansion is not exact: Σ paths + remainder misses the logits by {rel:.3g} of their "
+              f"scale (float rounding of path terms up to {float(out.stacked.abs().amax()):.3g}); use a lower --k",
+              file=sys.stderr)
+        return 3
     return 0
 
 

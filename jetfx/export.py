@@ -305,9 +305,15 @@ def _check_manifest(path, manifest) -> tuple[str, ...]:
 
 def _embedding_rows(module: torch.fx.GraphModule) -> int | None:
     """Rows of the token embedding the program indexes with its token input (its vocabulary)."""
-    tokens = next((n for n in module.graph.nodes if n.op == "placeholder"), None)
+    aten = torch.ops.aten
+    reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+                aten.flatten.using_ints, aten.clone.default, aten.to.dtype, aten.to.dtype_layout, aten.alias.default}
+    tokens = {n for n in module.graph.nodes if n.op == "placeholder"}
+    for node in module.graph.nodes:  # the token ids, reshaped (GPT-2 views them as (-1, seq))
+        if node.op == "call_function" and node.target in reshapes and node.args and node.args[0] in tokens:
+            tokens.add(node)
     for node in module.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default and node.args[1] is tokens:
+        if node.op == "call_function" and node.target is aten.embedding.default and node.args[1] in tokens:
             weight = node.args[0]
             if weight.op == "get_attr":
                 from .passes._graph import fetch_attr

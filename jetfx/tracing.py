@@ -101,8 +101,49 @@ def _embedding_rows(model) -> int | None:
     return embs[0].num_embeddings if embs else None
 
 
+class PaddingWarning(UserWarning):
+    """A batch looks left-padded: jetfx graphs take no attention mask, so the padding is attended to."""
+
+
+def _from_encoding(encoding) -> torch.Tensor:
+    """input_ids of a tokenizer's output (BatchEncoding or dict), refusing left padding.
+
+    jetfx graphs take no attention mask. For a causal model right padding is harmless: the logits at
+    the real tokens do not depend on the tokens after them. Left padding is not: the real tokens
+    would attend to the padding.
+    """
+    ids = encoding["input_ids"]
+    ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
+    mask = encoding.get("attention_mask")
+    if mask is None:
+        return ids
+    mask = torch.as_tensor(mask).reshape(ids.shape).bool()
+    if ids.dim() == 2 and bool((~mask[:, :-1] & mask[:, 1:]).any()):
+        raise InputError("this batch is left-padded (its attention mask has padding before real tokens): jetfx graphs "
+                         "take no attention mask, so the real tokens would attend to the padding. Pad on the right "
+                         "(tokenizer(texts, padding=True, padding_side='right')): a causal model's logits at the real "
+                         "tokens do not depend on the padding after them")
+    return ids
+
+
+def check_padding(ids: torch.Tensor, tokenizer) -> None:
+    """Warn when rows of a batch start with the pad token while others do not (left padding)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None or pad == getattr(tokenizer, "bos_token_id", None) or ids.dim() != 2 or ids.shape[0] < 2:
+        return
+    starts = ids[:, 0] == pad
+    if bool(starts.any()) and not bool(starts.all()):
+        rows = starts.nonzero().flatten().tolist()
+        warnings.warn(f"rows {rows[:5]} of this batch start with the pad token (id {pad}): they look left-padded. "
+                      "jetfx graphs take no attention mask, so their real tokens attend to the padding and their "
+                      "logits change; pad on the right instead (padding_side='right')", PaddingWarning, stacklevel=3)
+
+
 def as_tokens(tokens, tokenizer=None, *, vocab_size: int | None = None, max_length: int | None = None) -> torch.Tensor:
-    """Turn text, a list of ids or a tensor into a (batch, seq) int64 tensor, with clear errors."""
+    """Turn text, a list of ids, a tensor or a tokenizer's output into a (batch, seq) int64 tensor, with clear
+    errors. A tokenizer's output may be padded on the right (causal models ignore what follows a token)."""
+    if not isinstance(tokens, (str, list, tuple, torch.Tensor)) and hasattr(tokens, "keys") and "input_ids" in tokens:
+        tokens = _from_encoding(tokens)
     if isinstance(tokens, str):
         if tokenizer is None:
             raise InputError("tokens were given as text but no tokenizer is known: pass tokenizer=... "
@@ -117,8 +158,10 @@ def as_tokens(tokens, tokenizer=None, *, vocab_size: int | None = None, max_leng
         if any(len(r) == 0 for r in rows):
             raise InputError("one of the texts is empty: give at least one word in each")
         if len({len(r) for r in rows}) != 1:
-            raise InputError("texts of different token lengths cannot form one batch (jetfx uses no "
-                             f"padding mask); their lengths are {[len(r) for r in rows]}")
+            raise InputError(f"texts of different token lengths ({[len(r) for r in rows]}) cannot form one batch "
+                             "without padding; pass tokenizer(texts, padding=True, padding_side='right', "
+                             "return_tensors='pt') instead (right padding leaves a causal model's logits at the real "
+                             "tokens unchanged), or one text at a time")
         ids = torch.tensor(rows)
     elif isinstance(tokens, (list, tuple)):
         try:
@@ -140,6 +183,8 @@ def as_tokens(tokens, tokenizer=None, *, vocab_size: int | None = None, max_leng
     if max_length is not None and ids.shape[1] > max_length:
         raise InputError(f"{ids.shape[1]} tokens are more than the model's context of {max_length}; "
                          "shorten the text")
+    if tokenizer is not None and ids.device.type != "meta":
+        check_padding(ids, tokenizer)
     if vocab_size is not None and ids.device.type != "meta":  # meta tensors have no values to check
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
