@@ -25,12 +25,10 @@ import hashlib
 import io
 import json
 import zipfile
-from dataclasses import dataclass
-
 import torch
 
 from .errors import InputError, JetfxError
-from .expanded import ExpandedModule, ExpansionOutput
+from .expanded import REMAINDER, ExpandedModule, ExpansionOutput, PathHooks, PathInterventions
 from .functions import device_of
 
 FORMAT = "jetfx-expanded"
@@ -106,27 +104,31 @@ def export(ex: ExpandedModule, path: str, example_tokens: torch.Tensor | None = 
     return path
 
 
-@dataclass
-class LoadedExpansion:
-    """A reloaded expansion: `module` is a plain torch.nn.Module (from torch.export)."""
+class LoadedExpansion(PathInterventions, torch.nn.Module):
+    """A reloaded expansion. `module` is the plain torch.nn.Module from torch.export (forward returns
+    the dict of outputs); calling the expansion returns an `ExpansionOutput`, and its forward passes
+    every path through a hook point (`hooks`), as an `ExpandedModule` does: nnsight, forward hooks,
+    `intervene`/`ablate`/`patch` work on it the same way."""
 
-    module: torch.nn.Module
-    path_names: tuple[str, ...]
-    manifest: dict
+    def __init__(self, module: torch.nn.Module, path_names: tuple[str, ...], manifest: dict):
+        super().__init__()
+        self.module = module
+        self.path_names = tuple(path_names)
+        self.manifest = manifest
+        self.hooks = PathHooks(self.path_names)
 
-    def __call__(self, tokens: torch.Tensor) -> ExpansionOutput:
+    def forward(self, tokens: torch.Tensor):
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
             raise InputError("a reloaded expansion takes token ids (an integer tensor of shape (batch, seq))")
         vocab = self.manifest.get("vocab_size")
         if vocab is not None and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
             raise InputError(f"token ids must lie in [0, {vocab}) for this model")
         out = self.module(tokens.long())
-        stacked = torch.stack([out[n] for n in self.path_names])
-        return ExpansionOutput(self.path_names, stacked, out["remainder"], out["logits"])
+        stacked = torch.stack([self.hooks[n](out[n]) for n in self.path_names])
+        return stacked, self.hooks[REMAINDER](out["remainder"]), out["logits"]
 
-    def to(self, device):
-        self.module.to(device)
-        return self
+    def __call__(self, tokens: torch.Tensor) -> ExpansionOutput:
+        return ExpansionOutput(self.path_names, *super().__call__(tokens))
 
 
 def load_expanded(path: str) -> LoadedExpansion:

@@ -2,7 +2,11 @@
 
 `trace` runs torch.export (non-strict) with dynamic batch and sequence dimensions, checks that
 the exported graph reproduces the model's logits, makes the graph device-agnostic, and runs
-residual analysis. The returned GraphModule carries two extra attributes:
+residual analysis. Models take token ids (Hugging Face causal LMs, TransformerLens models, any
+`forward(tokens) -> logits`) or float tensors (a ViT's pixels, a residual MLP's features: give
+example inputs; the decoder is whatever follows the last residual addition). `as_traced` accepts
+GraphModules made by `torch.fx.symbolic_trace` or `torch.export` and re-exports them. The
+returned GraphModule carries two extra attributes:
 
 - `gm.residual`: the `ResidualStructure` (encoder, blocks, decoder);
 - `gm.jetfx`: a `TraceInfo` (model name, vocabulary, context length, tokenizer, …).
@@ -39,6 +43,19 @@ class TraceInfo:
     tied_embeddings: bool | None = None
     max_abs_error: float = 0.0  # |traced - eager| on the check tokens
     token_input: str = "ids"
+    input_kind: str = "tokens"  # "tokens" (integer ids) or "float" (any floating tensors)
+    example_inputs: tuple = field(default=(), repr=False)  # ((shape, dtype), …) of float inputs
+
+
+def _logits(out):
+    """The logits in a model's output: `.logits`, the first of a tuple, `["logits"]`, or itself."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0] if out else None
+    if isinstance(out, dict):
+        return out.get("logits")
+    return out
 
 
 class _LogitsOf(torch.nn.Module):
@@ -51,16 +68,19 @@ class _LogitsOf(torch.nn.Module):
 
     def forward(self, ids):
         if self.hf:
-            out = self.model(input_ids=ids, use_cache=False)
-        else:
-            out = self.model(ids)
-        if hasattr(out, "logits"):
-            return out.logits
-        if isinstance(out, (tuple, list)):
-            return out[0]
-        if isinstance(out, dict):
-            return out["logits"]
-        return out
+            return _logits(self.model(input_ids=ids, use_cache=False))
+        return _logits(self.model(ids))
+
+
+class _OutputOf(torch.nn.Module):
+    """forward(*inputs) -> logits for modules of float inputs (the first input feeds the stream)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return _logits(self.model(*inputs))
 
 
 def _is_hf_model(model) -> bool:
@@ -71,16 +91,28 @@ def _is_hf_model(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _lens_config(model):
+    """The config of a TransformerLens model (HookedTransformer, TransformerBridge): it has `cfg`
+    with `d_vocab` and `n_ctx`. Duck-typed: transformer_lens need not be installed."""
+    cfg = getattr(model, "cfg", None)
+    if isinstance(getattr(cfg, "d_vocab", None), int) and isinstance(getattr(cfg, "n_ctx", None), int):
+        return cfg
+    return None
+
+
 def _model_name(model, hf: bool) -> str:
     if hf:
         name = getattr(model.config, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
         return name or type(model).__name__
-    return type(model).__name__
+    cfg = _lens_config(model)
+    name = getattr(cfg, "model_name", None)
+    return name if isinstance(name, str) and name else type(model).__name__
 
 
 def _max_length(model, hf: bool) -> int | None:
     if not hf:
-        return None
+        cfg = _lens_config(model)
+        return cfg.n_ctx if cfg is not None and cfg.n_ctx > 0 else None
     for key in _CONTEXT_KEYS:
         value = getattr(model.config, key, None)
         if isinstance(value, int) and value > 0:
@@ -89,6 +121,9 @@ def _max_length(model, hf: bool) -> int | None:
 
 
 def _embedding_rows(model) -> int | None:
+    cfg = _lens_config(model)
+    if cfg is not None and cfg.d_vocab > 0:  # TransformerLens embeds with a plain parameter W_E
+        return cfg.d_vocab
     get = getattr(model, "get_input_embeddings", None)
     if callable(get):
         try:
@@ -175,25 +210,42 @@ def _summarize(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:600]}"
 
 
-def trace(model: torch.nn.Module, tokens=None, *, tokenizer=None, dtype: torch.dtype | None = None,
-          check: bool = True) -> fx.GraphModule:
-    """Export `model` (tokens → logits) into an ATen GraphModule with residual analysis.
+def _float_inputs(inputs) -> tuple[torch.Tensor, ...] | None:
+    """Inputs that are not token ids: a floating tensor, or a tuple of tensors led by one."""
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+        return (inputs,)
+    if (isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, torch.Tensor) for t in inputs)
+            and inputs[0].is_floating_point()):
+        return tuple(inputs)
+    return None
 
-    `model` is a Hugging Face causal LM (called with `use_cache=False`, logits taken) or any
-    module whose `forward(tokens)` returns logits. `tokens` (text with `tokenizer`, ids, or a
-    tensor) are used to check that the graph reproduces the model. `dtype` converts the traced
-    graph (not the model) to another floating precision, casts included (float64 for analysis).
+
+def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.dtype | None = None,
+          check: bool = True) -> fx.GraphModule:
+    """Export `model` (inputs → logits) into an ATen GraphModule with residual analysis.
+
+    `model` is a Hugging Face causal LM (called with `use_cache=False`, logits taken), a
+    TransformerLens model, or any module whose `forward(tokens)` returns logits; `inputs` (text
+    with `tokenizer`, ids, or a tensor) are used to check that the graph reproduces the model.
+    A module of float inputs (a ViT, a residual MLP) is traced from example `inputs`: a floating
+    tensor or a tuple of tensors whose first one feeds the residual stream. `dtype` converts the
+    traced graph (not the model) to another floating precision, casts included (float64 for analysis).
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"jetfx.trace needs a torch.nn.Module, got {type(model).__name__}")
+    floats = _float_inputs(inputs)
+    if floats is not None:
+        return _trace_float(model, floats, dtype=dtype, check=check)
     hf = _is_hf_model(model)
     if tokenizer is None and hasattr(model, "_jetfx_tokenizer"):
         tokenizer = model._jetfx_tokenizer
+    if tokenizer is None and _lens_config(model) is not None and callable(getattr(model, "tokenizer", None)):
+        tokenizer = model.tokenizer
     embedding_rows = _embedding_rows(model)
     max_length = _max_length(model, hf)
     check_ids = None
-    if tokens is not None:
-        check_ids = as_tokens(tokens, tokenizer, vocab_size=embedding_rows, max_length=max_length)
+    if inputs is not None:
+        check_ids = as_tokens(inputs, tokenizer, vocab_size=embedding_rows, max_length=max_length)
 
     wrapper = _LogitsOf(model, hf)
     was_training = model.training
@@ -223,7 +275,8 @@ def trace(model: torch.nn.Module, tokens=None, *, tokenizer=None, dtype: torch.d
                 f"torch.export could not export {type(model).__name__} as a function of token ids: "
                 f"{_summarize(last_error)}. jetfx needs forward(tokens) -> logits to be exportable with "
                 "torch.export(strict=False) and dynamic batch/sequence sizes; data-dependent Python "
-                "control flow on token values is the usual cause"
+                "control flow on token values is the usual cause (a model of float inputs: pass example "
+                "inputs as a float tensor)"
             )
             err.export_error = last_error
             raise err
@@ -237,12 +290,10 @@ def trace(model: torch.nn.Module, tokens=None, *, tokenizer=None, dtype: torch.d
             probe = probe.to(example.device)
             eager = wrapper(probe)
             traced = gm(probe)
-        if not isinstance(eager, torch.Tensor) or eager.dim() < 2:
+        _check_output(model, eager)
+        if eager.dim() < 2:
             raise TraceError(f"{type(model).__name__}(tokens) did not return logits of shape (batch, seq, vocab)")
-        err = float((traced.float() - eager.float()).abs().max())
-        scale = float(eager.float().abs().max()) or 1.0
-        if check and err > 1e-4 * max(1.0, scale):
-            raise TraceError(f"the exported graph does not reproduce {type(model).__name__}: max |Δlogits| = {err:.3g}")
+        err = _check_reproduces(model, eager, traced, check)
         vocab_size = eager.shape[-1]
     finally:
         if was_training:
@@ -267,6 +318,80 @@ def trace(model: torch.nn.Module, tokens=None, *, tokenizer=None, dtype: torch.d
         tied_embeddings=_tied(model, hf),
         max_abs_error=err,
         token_input=structure.encoder.input,
+    )
+    return gm
+
+
+def _check_output(model, eager) -> None:
+    if not isinstance(eager, torch.Tensor) or not eager.is_floating_point():
+        got = "None" if eager is None else type(eager).__name__
+        if isinstance(eager, torch.Tensor):
+            got = f"a {eager.dtype} tensor"
+        raise TraceError(f"{type(model).__name__} returned {got}, not logits: jetfx expands a module whose output "
+                         "(or its `.logits`, or the first element of a returned tuple) is a floating tensor")
+
+
+def _check_reproduces(model, eager, traced, check: bool) -> float:
+    err = float((traced.float() - eager.float()).abs().max())
+    scale = float(eager.float().abs().max()) or 1.0
+    if check and err > 1e-4 * max(1.0, scale):
+        raise TraceError(f"the exported graph does not reproduce {type(model).__name__}: max |Δlogits| = {err:.3g}")
+    return err
+
+
+def _trace_float(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, dtype, check: bool) -> fx.GraphModule:
+    """`trace` for modules of float inputs: every dimension exported as Dim.AUTO (the ones tied to
+    weights become static), from the example doubled along the batch when its batch is 1."""
+    from torch.export import Dim
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = tuple(t.to(device) for t in inputs)
+    if any(t.dim() == 0 for t in inputs):
+        raise InputError("example inputs need a batch dimension: got a 0-dimensional tensor")
+    example = inputs
+    if all(t.shape[0] == 1 for t in inputs):  # a batch of 1 would specialize the batch size to 1
+        example = tuple(torch.cat([t, t]) for t in inputs)
+    wrapper = _OutputOf(model)
+    was_training = model.training
+    model.eval()
+    try:
+        dims = (tuple({i: Dim.AUTO for i in range(t.dim())} for t in example),)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(wrapper, example, dynamic_shapes=dims, strict=False)
+        except Exception as e:  # noqa: BLE001 - any export failure becomes a clear TraceError
+            err = TraceError(f"torch.export could not export {type(model).__name__} on inputs of shapes "
+                             f"{[tuple(t.shape) for t in example]}: {_summarize(e)}. jetfx needs forward(*inputs) to "
+                             "be exportable with torch.export(strict=False)")
+            err.export_error = e
+            raise err from None
+        gm = ep.module()
+        with torch.no_grad():
+            eager = wrapper(*inputs)
+            _check_output(model, eager)
+            traced = gm(*inputs)
+        err = _check_reproduces(model, eager, traced, check)
+    finally:
+        if was_training:
+            model.train()
+    passes.clean(gm)
+    passes.make_device_agnostic(gm)
+    if dtype is not None:
+        passes.cast_floating(gm, dtype)
+    structure = passes.find_residual_structure(gm, strip_prefix="model.")
+    gm.residual = structure
+    gm.jetfx = TraceInfo(
+        model_name=_model_name(model, _is_hf_model(model)),
+        architecture=type(model).__name__,
+        vocab_size=eager.shape[-1] if eager.dim() else 1,
+        embedding_size=None,
+        max_length=None,
+        dtype=eager.dtype if dtype is None else dtype,
+        max_abs_error=err,
+        token_input=structure.encoder.input,
+        input_kind="float",
+        example_inputs=tuple((tuple(t.shape), t.dtype) for t in inputs),
     )
     return gm
 
