@@ -74,9 +74,14 @@ def export(ex: ExpandedModule, path: str, example_tokens: torch.Tensor | None = 
     clash = {"remainder", "logits"} & set(ex.path_names)
     if clash:
         raise ExportError(f"path names {sorted(clash)} clash with the reserved outputs")
+    traced = getattr(getattr(ex, "source", None), "jetfx", None)
+    float_input = getattr(traced, "input_kind", "tokens") == "float"
+    if example_tokens is None and float_input:  # a module of float inputs: its traced example's shape
+        shape, dtype = traced.example_inputs[0]
+        example_tokens = torch.randn((max(2, shape[0]), *shape[1:]), device=device_of(ex)).to(dtype)
     if example_tokens is None:
         example_tokens = torch.zeros(2, 7, dtype=torch.long, device=device_of(ex))
-    dims = {"tokens": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}}
+    dims = {"tokens": {i: torch.export.Dim.AUTO for i in range(example_tokens.dim())}}
     try:
         program = torch.export.export(_Named(ex), (example_tokens,), dynamic_shapes=dims, strict=False)
     except Exception as e:  # torch.export raises many types; report the first line of why
@@ -97,6 +102,7 @@ def export(ex: ExpandedModule, path: str, example_tokens: torch.Tensor | None = 
         "vocab_size": getattr(getattr(info, "jetfx", None), "embedding_size", None),
         "model": getattr(getattr(info, "jetfx", None), "model_name", None),
         "torch": torch.__version__,
+        "input": "float" if float_input else "tokens",
     }
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr("manifest.json", json.dumps(manifest, indent=1))
@@ -118,14 +124,22 @@ class LoadedExpansion(PathInterventions, torch.nn.Module):
         self.hooks = PathHooks(self.path_names)
 
     def forward(self, tokens: torch.Tensor):
+        if self.manifest.get("input") == "float":
+            if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
+                raise InputError("this reloaded expansion takes a floating tensor like the model it was made from")
+        else:
+            tokens = self._checked_tokens(tokens)
+        out = self.module(tokens)
+        stacked = torch.stack([self.hooks[n](out[n]) for n in self.path_names])
+        return stacked, self.hooks[REMAINDER](out["remainder"]), out["logits"]
+
+    def _checked_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int):
             raise InputError("a reloaded expansion takes token ids (an integer tensor of shape (batch, seq))")
         vocab = self.manifest.get("vocab_size")
         if vocab is not None and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
             raise InputError(f"token ids must lie in [0, {vocab}) for this model")
-        out = self.module(tokens.long())
-        stacked = torch.stack([self.hooks[n](out[n]) for n in self.path_names])
-        return stacked, self.hooks[REMAINDER](out["remainder"]), out["logits"]
+        return tokens.long()
 
     def __call__(self, tokens: torch.Tensor) -> ExpansionOutput:
         return ExpansionOutput(self.path_names, *super().__call__(tokens))

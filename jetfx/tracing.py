@@ -248,8 +248,7 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
         check_ids = as_tokens(inputs, tokenizer, vocab_size=embedding_rows, max_length=max_length)
 
     wrapper = _LogitsOf(model, hf)
-    was_training = model.training
-    model.eval()
+    was_training = _eval_mode(model)
     try:
         vocab_hi = embedding_rows or 2
         gen = torch.Generator().manual_seed(0)
@@ -297,7 +296,7 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
         vocab_size = eager.shape[-1]
     finally:
         if was_training:
-            model.train()
+            model.train()  # only reached for modules that could be put in eval mode
 
     passes.clean(gm)
     passes.make_device_agnostic(gm)
@@ -320,6 +319,17 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
         token_input=structure.encoder.input,
     )
     return gm
+
+
+def _eval_mode(model: torch.nn.Module) -> bool:
+    """Put `model` in eval mode; True if it was training. (`ExportedProgram.module()` refuses
+    `.eval()`: its graph is already fixed, so it is left as it is.)"""
+    was_training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:
+        return False
+    return was_training
 
 
 def _check_output(model, eager) -> None:
@@ -352,8 +362,7 @@ def _trace_float(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, dt
     if all(t.shape[0] == 1 for t in inputs):  # a batch of 1 would specialize the batch size to 1
         example = tuple(torch.cat([t, t]) for t in inputs)
     wrapper = _OutputOf(model)
-    was_training = model.training
-    model.eval()
+    was_training = _eval_mode(model)
     try:
         dims = (tuple({i: Dim.AUTO for i in range(t.dim())} for t in example),)
         try:
@@ -374,7 +383,7 @@ def _trace_float(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, dt
         err = _check_reproduces(model, eager, traced, check)
     finally:
         if was_training:
-            model.train()
+            model.train()  # only reached for modules that could be put in eval mode
     passes.clean(gm)
     passes.make_device_agnostic(gm)
     if dtype is not None:
@@ -422,6 +431,70 @@ def _insert_token_check(gm: fx.GraphModule, vocab_size: int, max_length: int | N
     with gm.graph.inserting_after(ph):
         gm.graph.call_function(check_tokens, (ph, vocab_size, max_length))
     gm.recompile()
+
+
+def as_traced(module, example_inputs=None) -> fx.GraphModule:
+    """`module` ready to expand: as is when `jetfx.trace` made it; a `torch.fx.GraphModule` (from
+    `torch.fx.symbolic_trace` or `ExportedProgram.module()`) or a `torch.export.ExportedProgram` is
+    re-exported by `trace`, and any other model traced. `example_inputs` are needed for float inputs the graph does not record
+    (symbolic_trace graphs carry no shapes); token models are traced from token ids of their own."""
+    if isinstance(getattr(module, "residual", None), ResidualStructure) and isinstance(getattr(module, "jetfx", None), TraceInfo):
+        return module
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    if not isinstance(module, torch.nn.Module):
+        raise TraceError(f"expected a model, a module made by jetfx.trace, a torch.fx.GraphModule or a torch.export "
+                         f"program, got {type(module).__name__}")
+    if not isinstance(module, fx.GraphModule):
+        return trace(module, example_inputs)
+    nodes = list(module.graph.nodes)
+    outputs = [n for n in nodes if n.op == "output"]
+    returned = outputs[0].args[0] if outputs else None
+    if returned is None or (isinstance(returned, (tuple, list, dict)) and not returned):
+        raise TraceError("the graph has no output to expand: it returns nothing (add `return logits` to its forward, "
+                         "or an output node to the graph)")
+    if not any(n.op == "placeholder" for n in nodes):
+        raise TraceError("the graph has no input: jetfx expands functions of tokens or of float tensors")
+    if example_inputs is None:
+        example_inputs = _example_from_graph(module)
+    try:
+        return trace(module, example_inputs)
+    except TraceError as e:
+        if example_inputs is None:  # token ids of jetfx's choosing: the program may have fixed sizes
+            raise TraceError(f"{e}. A torch.export program is re-exported with dynamic batch and sequence sizes: "
+                             "export it with dynamic_shapes (Dim.AUTO), or give jetfx.trace the original model") from None
+        raise
+
+
+def _example_from_graph(gm: fx.GraphModule):
+    """Example float inputs from the placeholders' recorded shapes; None for token inputs."""
+    inputs = []
+    for ph in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        v = ph.meta.get("val", ph.meta.get("tensor_meta"))
+        if v is None or not hasattr(v, "shape"):
+            inputs.append(None)
+            continue
+        shape = [int(d.node.hint) if isinstance(d, torch.SymInt) and d.node.hint is not None else
+                 (2 if isinstance(d, torch.SymInt) else int(d)) for d in v.shape]
+        inputs.append((shape, v.dtype))
+    if inputs and inputs[0] is not None and inputs[0][1] in _INT_DTYPES:
+        return None
+    if inputs and all(i is not None for i in inputs):
+        return tuple(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype) if dtype.is_floating_point
+                     else torch.zeros(shape, dtype=dtype) for shape, dtype in inputs)
+    if _reads_an_embedding(gm):
+        return None
+    raise TraceError("this graph records no input shapes (torch.fx.symbolic_trace keeps none) and does not start with "
+                     "an embedding of token ids: pass example_inputs=… (a float tensor of the input's shape)")
+
+
+def _reads_an_embedding(gm: fx.GraphModule) -> bool:
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Embedding):
+            return True
+        if n.op == "call_function" and "embedding" in str(n.target):
+            return True
+    return False
 
 
 def residual_of(gm: fx.GraphModule) -> ResidualStructure:
