@@ -14,6 +14,7 @@ returned GraphModule carries two extra attributes:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,7 +280,7 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
             )
             err.export_error = last_error
             raise err
-        gm = ep.module()
+        gm = _module_of(ep, model)
         range_max = _range_max(ep)
         if range_max is not None:
             max_length = min(max_length, range_max) if max_length else range_max
@@ -319,6 +320,25 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
         token_input=structure.encoder.input,
     )
     return gm
+
+
+def _module_of(ep, model) -> fx.GraphModule:
+    """`ep.module()`, whose code generation fails on parameters reached through a submodule named
+    like a Python keyword (TransformerBridge's `mlp.in`): a TraceError that names it."""
+    try:
+        return ep.module()
+    except SyntaxError as e:
+        import keyword
+
+        bad, stack = set(), [model]
+        while stack:  # through `_modules`: wrappers like TransformerBridge hide some from named_modules()
+            m = stack.pop()
+            bad |= {name for name in m._modules if keyword.iskeyword(name)}
+            stack.extend(c for c in m._modules.values() if c is not None)
+        why = (f"submodules named like Python keywords ({', '.join(repr(b) for b in sorted(bad))}) break the code "
+               "torch generates for it. Rename them, or trace the model they wrap") if bad else f"{e.msg} in the code torch generated"
+        raise TraceError(f"torch.export exported {type(model).__name__} but could not rebuild a module from the "
+                         f"program: {why}") from None
 
 
 def _eval_mode(model: torch.nn.Module) -> bool:
@@ -375,7 +395,7 @@ def _trace_float(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, dt
                              "be exportable with torch.export(strict=False)")
             err.export_error = e
             raise err from None
-        gm = ep.module()
+        gm = _module_of(ep, model)
         with torch.no_grad():
             eager = wrapper(*inputs)
             _check_output(model, eager)
@@ -440,7 +460,8 @@ def as_traced(module, example_inputs=None) -> fx.GraphModule:
     (symbolic_trace graphs carry no shapes); token models are traced from token ids of their own."""
     if isinstance(getattr(module, "residual", None), ResidualStructure) and isinstance(getattr(module, "jetfx", None), TraceInfo):
         return module
-    if isinstance(module, torch.export.ExportedProgram):
+    made_here = isinstance(module, torch.export.ExportedProgram)
+    if made_here:
         module = module.module()
     if not isinstance(module, torch.nn.Module):
         raise TraceError(f"expected a model, a module made by jetfx.trace, a torch.fx.GraphModule or a torch.export "
@@ -455,19 +476,62 @@ def as_traced(module, example_inputs=None) -> fx.GraphModule:
                          "or an output node to the graph)")
     if not any(n.op == "placeholder" for n in nodes):
         raise TraceError("the graph has no input: jetfx expands functions of tokens or of float tensors")
+    if _is_exported(module):  # already an ATen graph with module names: analysed as it is
+        return _trace_program(copy.deepcopy(module) if not made_here else module, example_inputs)
     if example_inputs is None:
         example_inputs = _example_from_graph(module)
-    try:
-        return trace(module, example_inputs)
-    except TraceError as e:
-        if example_inputs is None:  # token ids of jetfx's choosing: the program may have fixed sizes
-            raise TraceError(f"{e}. A torch.export program is re-exported with dynamic batch and sequence sizes: "
-                             "export it with dynamic_shapes (Dim.AUTO), or give jetfx.trace the original model") from None
-        raise
+    return trace(module, example_inputs)
 
 
-def _example_from_graph(gm: fx.GraphModule):
-    """Example float inputs from the placeholders' recorded shapes; None for token inputs."""
+def _is_exported(gm: fx.GraphModule) -> bool:
+    """Made by torch.export: ATen ops that remember the modules they came from."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and "nn_module_stack" in n.meta
+               for n in gm.graph.nodes)
+
+
+def _trace_program(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
+    """`trace`'s analysis of a graph torch.export already made (no re-export: its names stay)."""
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    v = ph[0].meta.get("val")
+    tokens = isinstance(v, torch.Tensor) and v.dtype in _INT_DTYPES
+    if tokens and not all(isinstance(d, torch.SymInt) for d in v.shape[:2]):
+        raise TraceError(f"this torch.export program takes token ids of the fixed shape {tuple(v.shape)}: jetfx needs "
+                         "dynamic batch and sequence sizes. Export it with dynamic_shapes={'ids': {0: Dim.AUTO, "
+                         "1: Dim.AUTO}} (from an example of batch ≥ 2 and length ≥ 2), or give jetfx.trace the model")
+    if example_inputs is None:
+        example_inputs = _example_from_graph(gm, tokens_too=True)
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with torch.no_grad():
+        out = _logits(gm(*example))
+    _check_output(gm, out)
+    passes.clean(gm)
+    passes.make_device_agnostic(gm)
+    structure = passes.find_residual_structure(gm)
+    rows = _embedding_rows_in_graph(gm, ph[0])
+    if tokens:
+        _insert_token_check(gm, rows or out.shape[-1], None)
+    gm.residual = structure
+    gm.jetfx = TraceInfo(
+        model_name="ExportedProgram", architecture="ExportedProgram", vocab_size=out.shape[-1] if out.dim() else 1,
+        embedding_size=rows if tokens else None, max_length=None, dtype=out.dtype, token_input=structure.encoder.input,
+        input_kind="tokens" if tokens else "float",
+        example_inputs=() if tokens else tuple((tuple(t.shape), t.dtype) for t in example),
+    )
+    return gm
+
+
+def _embedding_rows_in_graph(gm: fx.GraphModule, ids: fx.Node) -> int | None:
+    for n in ids.users:
+        if n.op == "call_function" and n.target is torch.ops.aten.embedding.default:
+            weight = n.args[0]
+            if isinstance(weight, fx.Node) and isinstance(weight.meta.get("val"), torch.Tensor):
+                return int(weight.meta["val"].shape[0])
+    return None
+
+
+def _example_from_graph(gm: fx.GraphModule, tokens_too: bool = False):
+    """Example float inputs from the placeholders' recorded shapes; None for token inputs (zeros
+    of the recorded shape with `tokens_too`)."""
     inputs = []
     for ph in (n for n in gm.graph.nodes if n.op == "placeholder"):
         v = ph.meta.get("val", ph.meta.get("tensor_meta"))
@@ -477,7 +541,7 @@ def _example_from_graph(gm: fx.GraphModule):
         shape = [int(d.node.hint) if isinstance(d, torch.SymInt) and d.node.hint is not None else
                  (2 if isinstance(d, torch.SymInt) else int(d)) for d in v.shape]
         inputs.append((shape, v.dtype))
-    if inputs and inputs[0] is not None and inputs[0][1] in _INT_DTYPES:
+    if inputs and inputs[0] is not None and inputs[0][1] in _INT_DTYPES and not tokens_too:
         return None
     if inputs and all(i is not None for i in inputs):
         return tuple(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype) if dtype.is_floating_point
