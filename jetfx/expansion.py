@@ -28,7 +28,7 @@ from . import paths as P
 from .errors import ExpansionError, check_order
 from .structure import Block, ResidualStructure
 from .terms import LOGITS, STREAM, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, SplitJet, Stream, Terms
-from .tracing import info_of, residual_of
+from .tracing import as_traced, info_of, residual_of
 
 DEFAULT_MAX_PATHS = 512
 MAX_SPLIT_TERMS = 100_000
@@ -328,7 +328,7 @@ def _choices(structure: ResidualStructure, blocks: tuple[str, ...]) -> tuple:
 
 
 def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAULT_MAX_PATHS, jets: str = "auto",
-           split: bool = False, degrees=None, weights: str | None = None):
+           split: bool = False, degrees=None, weights: str | None = None, example_inputs=None):
     """The exponential jet expansion of a traced model, compiled into a runnable GraphModule.
 
     `paths` selects the compiled paths: a `jetfx.paths` filter, a predicate on `Path`, or path
@@ -339,8 +339,13 @@ def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAU
     degree and by the terms it interacts with; `paths` is then a `jetfx.split` filter (see there), and
     `weights` "exponential" (default: Algorithm 2's 1/2^s on the paper's paths) or "uniform" (1/N_s on
     every term of the split level); see `jetfx.split.split_terms`.
+
+    `gm` is made by `jetfx.trace`, or is a GraphModule from `torch.fx.symbolic_trace` /
+    `torch.export` (or an ExportedProgram), re-exported first (`jetfx.tracing.as_traced`; float
+    inputs need `example_inputs` when the graph records no shapes).
     """
     k = check_order(k)
+    gm = as_traced(gm, example_inputs)
     if split:
         from .split import expand_split
 

@@ -37,13 +37,12 @@ import json
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass
 
 import torch
 
 from . import passes
 from .errors import ExportError, InputError
-from .expanded import ExpandedModule, ExpansionOutput
+from .expanded import REMAINDER, ExpandedModule, ExpansionOutput, PathHooks, PathInterventions
 from .functions import device_of
 from .safe_pt2 import UnsafeFileError, read_program
 
@@ -119,6 +118,14 @@ def _example(ex: ExpandedModule, tokens) -> torch.Tensor:
     return ids.repeat(2 if ids.shape[0] == 1 else 1, 2 if ids.shape[1] == 1 else 1)
 
 
+def _float_example(ex: ExpandedModule, traced, given) -> torch.Tensor:
+    """An example input for a module of float inputs: the traced example's shape, batch ≥ 2."""
+    if given is not None:
+        return given.repeat(2, *[1] * (given.dim() - 1)) if given.shape[0] == 1 else given
+    shape, dtype = traced.example_inputs[0]
+    return torch.randn((max(2, shape[0]), *shape[1:]), device=device_of(ex)).to(dtype)
+
+
 def _specialized_dims(error: Exception) -> list[str]:
     """Which of the token dimensions torch.export had to fix ("Constraints violated (batch, length)")."""
     head = str(error).split("!")[0]
@@ -141,10 +148,15 @@ def _why_static(ex: ExpandedModule) -> str:
     return "an operation in it needs concrete sizes"
 
 
-def _export_program(ex: ExpandedModule, example: torch.Tensor, static: bool):
+def _export_program(ex: ExpandedModule, example: torch.Tensor, static: bool, float_input: bool = False):
     from torch.export import Dim
 
-    dims = None if static else {"tokens": {0: Dim("batch", min=1), 1: Dim("length", min=1)}}
+    if static:
+        dims = None
+    elif float_input:  # the batch is dynamic; other sizes as torch.export finds them
+        dims = {"tokens": {0: Dim("batch", min=1), **{i: Dim.AUTO for i in range(1, example.dim())}}}
+    else:
+        dims = {"tokens": {0: Dim("batch", min=1), 1: Dim("length", min=1)}}
     try:
         return torch.export.export(_Named(ex), (example,), dynamic_shapes=dims, strict=False)
     except Exception as e:  # torch.export raises many types; report why in the user's terms
@@ -198,8 +210,10 @@ def export(ex: ExpandedModule, path, example_tokens=None, *, static: bool = Fals
     clash = set(RESERVED) & set(ex.path_names)
     if clash:
         raise ExportError(f"path names {sorted(clash)} clash with the reserved outputs")
-    example = _example(ex, example_tokens)
-    program = _export_program(ex, example, static)
+    traced = getattr(getattr(ex, "source", None), "jetfx", None)
+    float_input = getattr(traced, "input_kind", "tokens") == "float"
+    example = _float_example(ex, traced, example_tokens) if float_input else _example(ex, example_tokens)
+    program = _export_program(ex, example, static, float_input)
     _strip(program)
     buf = io.BytesIO()
     torch.export.save(program, buf)
@@ -216,6 +230,7 @@ def export(ex: ExpandedModule, path, example_tokens=None, *, static: bool = Fals
         "model": getattr(info, "model_name", None),
         "torch": torch.__version__,
         "static_shape": list(example.shape) if static else None,
+        "input": "float" if float_input else "tokens",
     }
     if key is not None:
         manifest["hmac"] = _signature(key, manifest, data)
@@ -232,16 +247,36 @@ def export(ex: ExpandedModule, path, example_tokens=None, *, static: bool = Fals
     return path
 
 
-@dataclass
-class LoadedExpansion:
-    """A reloaded expansion: `module` is a plain torch.nn.Module (a GraphModule rebuilt from the file)."""
+class LoadedExpansion(PathInterventions, torch.nn.Module):
+    """A reloaded expansion. `module` is the plain torch.nn.Module rebuilt from the file (forward returns
+    the dict of outputs); calling the expansion returns an `ExpansionOutput`, and its forward passes
+    every path through a hook point (`hooks`), as an `ExpandedModule` does: nnsight, forward hooks,
+    `intervene`/`ablate`/`patch` work on it the same way."""
 
-    module: torch.nn.Module
-    path_names: tuple[str, ...]
-    manifest: dict
-    vocab_size: int | None = None
+    def __init__(self, module: torch.nn.Module, path_names: tuple[str, ...], manifest: dict,
+                 vocab_size: int | None = None):
+        super().__init__()
+        self.module = module
+        self.path_names = tuple(path_names)
+        self.manifest = manifest
+        self.vocab_size = vocab_size
+        self.hooks = PathHooks(self.path_names)
 
-    def __call__(self, tokens) -> ExpansionOutput:
+    def forward(self, tokens: torch.Tensor):
+        if self.manifest.get("input") == "float":
+            if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
+                raise InputError("this reloaded expansion takes a floating tensor like the model it was made from")
+        else:
+            tokens = self._checked_tokens(tokens)
+        static = self.manifest.get("static_shape")
+        if static is not None and list(tokens.shape) != list(static):
+            raise InputError(f"this file was exported for inputs of shape {tuple(static)} only (static=True), got "
+                             f"{tuple(tokens.shape)}; re-export without static=True if you can")
+        out = self.module(tokens)
+        stacked = torch.stack([self.hooks[n](out[n]) for n in self.path_names])
+        return stacked, self.hooks[REMAINDER](out["remainder"]), out["logits"]
+
+    def _checked_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
             from .tracing import as_tokens
 
@@ -249,19 +284,12 @@ class LoadedExpansion:
         if tokens.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8) or tokens.dim() != 2:
             raise InputError("a reloaded expansion takes token ids: an integer tensor of shape (batch, seq), "
                              f"got {tokens.dtype} of shape {tuple(tokens.shape)}")
-        static = self.manifest.get("static_shape")
-        if static is not None and list(tokens.shape) != list(static):
-            raise InputError(f"this file was exported for token tensors of shape {tuple(static)} only "
-                             f"(static=True), got {tuple(tokens.shape)}; re-export without static=True if you can")
         if self.vocab_size is not None and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise InputError(f"token ids must lie in [0, {self.vocab_size}) for this model")
-        out = self.module(tokens.long())
-        stacked = torch.stack([out[n] for n in self.path_names])
-        return ExpansionOutput(self.path_names, stacked, out["remainder"], out["logits"])
+        return tokens.long()
 
-    def to(self, device):
-        self.module.to(device)
-        return self
+    def __call__(self, tokens: torch.Tensor) -> ExpansionOutput:
+        return ExpansionOutput(self.path_names, *super().__call__(tokens))
 
 
 def _read_archive(path) -> tuple[dict, bytes]:

@@ -4,7 +4,8 @@ The new graph contains a copy of the traced model's graph (which provides the tr
 h_s, the side inputs and the logits), then, term by term, the stacked tensors (N, B, T, ·) of the
 expansion: stream and block nodes of the model, weighted identity terms, and calls to jet modules
 (one per block and order, batched over their centers). Terms shared by several paths are lowered
-once. The graph returns (stacked path logits, remainder, logits).
+once. The graph returns (stacked path logits, remainder, logits); each path's logits and the
+remainder pass through a hook point of their own (`jetfx.expanded.PathHooks`) on the way out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import fx
 
 from jetfx.errors import ExpansionError, InputError
-from jetfx.expanded import ExpandedModule
+from jetfx.expanded import REMAINDER, ExpandedModule, PathHooks
 from jetfx.functions import block_region, decoder_region, logits_node
 from jetfx.jets import jet_module
 from jetfx.paths import PathGraph
@@ -95,7 +96,7 @@ class _Lowering:
     def weights(self, values) -> fx.Node:
         """Jet weights as a constant in the stream's dtype (float32 weights would limit a float64
         expansion to 1e-7: Σ w_i = 1 must hold to the precision of the model)."""
-        return self.const("weights", torch.tensor(list(values), dtype=self.dtype).view(-1, 1, 1, 1))
+        return self.const("weights", torch.tensor(list(values), dtype=self.dtype))
 
     def index(self, source: fx.Node, indices) -> fx.Node:
         return self.call(aten.index_select.default, source, 0, self.const("index", torch.tensor(list(indices))))
@@ -127,8 +128,7 @@ class _Lowering:
                 return src
             return self.call(aten.index_select.default, src, 0, self.const("index", torch.tensor(t.indices)))
         if isinstance(t, Scaled):
-            w = self.weights(t.weights)
-            return self.call(aten.mul.Tensor, self.memo[id(t.source)], w)
+            return self.call(scale_terms, self.memo[id(t.source)], self.weights(t.weights))
         if isinstance(t, Jet):
             return self._lower_jet(t)
         if isinstance(t, SplitJet):
@@ -163,8 +163,7 @@ class _Lowering:
             variate = self.env[self.structure.decoder.input if f is None else f.input]
             side = [self.env[name] for name in region.side_inputs]
             out = self.graph.call_module(target, (c, variate, *side))
-            w = self.weights([t.weights[i] for i in idx])
-            outs.append(self.call(aten.mul.Tensor, out, w))
+            outs.append(self.call(scale_terms, out, self.weights([t.weights[i] for i in idx])))
         expected = [(i, j) for j in seen_blocks for i, jj in t.pairs if jj == j]
         if list(t.pairs) != expected:
             raise ExpansionError("internal: jet pairs must be grouped by block")
@@ -187,8 +186,7 @@ class _Lowering:
             dirs = self.call(_as_directions, self.index(centers, flat), len(members), len(mult)) if flat else c
             side = [self.env[name] for name in region.side_inputs]
             out = self.graph.call_module(target, (c, dirs, *side))
-            w = self.weights([t.weights[t.parts[p][0]] for p in members])
-            outs.append(self.call(aten.mul.Tensor, out, w))
+            outs.append(self.call(scale_terms, out, self.weights([t.weights[t.parts[p][0]] for p in members])))
             order.extend(members)
         stacked = outs[0] if len(outs) == 1 else self.call(aten.cat.default, outs, 0)
         if order == list(range(len(order))):
@@ -198,6 +196,12 @@ class _Lowering:
             inverse[p] = position
         return self.index(stacked, inverse)
 
+
+
+def scale_terms(terms: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """w_i · term_i for stacked terms (N, …) of any rank: (N, B, T, d) streams of a transformer,
+    (N, B, d) of a residual MLP, (N, B, V) logits of a classifier."""
+    return terms * weights.reshape(-1, *([1] * (terms.dim() - 1)))
 
 
 def _as_directions(flat: torch.Tensor, n: int, s: int) -> torch.Tensor:
@@ -232,8 +236,17 @@ def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", p
     logits = low.env[logits_node(gm)]
     total = low.call(aten.sum.dim_IntList, stacked, [0])
     remainder = low.call(aten.sub.Tensor, logits, total)
+    # hook points, after the remainder: overwriting a path changes Σ paths + remainder by the change
+    hooks = PathHooks(terms.names)
+    for key, hook in hooks.items():
+        low.attrs[f"hooks.{key}"] = hook
+    hooked = [low.graph.call_module(f"hooks.{hooks.key(name)}", (low.call(aten.select.int, stacked, 0, i),))
+              for i, name in enumerate(terms.names)]
+    stacked = low.call(aten.stack.default, hooked, 0)
+    remainder = low.graph.call_module(f"hooks.{REMAINDER}", (remainder,))
     low.graph.output((stacked, remainder, logits))
     module = ExpandedModule(low.attrs, low.graph, class_name="ExpandedModule")
+    module.hooks = hooks  # the same hook modules, in a container that finds them by path name
     module.path_names = terms.names
     module.terms = terms
     module.structure = residual_of(gm)

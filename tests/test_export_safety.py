@@ -267,7 +267,7 @@ def test_nested_jets_are_refused_with_the_reason_or_exported_static(tmp_path):
     ids = torch.randint(0, 100, (2, 5))
     again = load_expanded(export(ex, tmp_path / "nested.jetfx.zip", example_tokens=ids, static=True))
     torch.testing.assert_close(again(ids).stacked, ex(ids).stacked, atol=1e-5, rtol=1e-5)
-    with pytest.raises(jetfx.InputError, match=r"exported for token tensors of shape \(2, 5\) only"):
+    with pytest.raises(jetfx.InputError, match=r"exported for inputs of shape \(2, 5\) only"):
         again(torch.randint(0, 100, (3, 5)))
 
 
