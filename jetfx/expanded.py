@@ -256,8 +256,8 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
         if not isinstance(raw, tuple) or len(raw) != 3:
             raise InputError("the expanded module returned an unexpected value (was its graph edited?)")
         out = ExpansionOutput(self.path_names, *raw)
-        if getattr(self, "check_exactness", True):
-            out.check()
+        if getattr(self, "check_exactness", True) and out.logits.device.type != "meta":
+            out.check()  # one scalar read per call; set `check_exactness = False` to skip it
         return out
 
     def symbolic(self, **kw):
