@@ -203,6 +203,7 @@ class NgramTable:
     complete: bool = True
     chunks_done: int = 0
     num_chunks: int = 0
+    reused: bool = False  # read from a finished run in the database, not computed
 
 
 class RunningTopK:
@@ -225,8 +226,12 @@ class RunningTopK:
         r = torch.cat([self.rows, rows])
         e = torch.cat([self.extra, extra.float()])
         k = min(self.k, s.numel())
-        # ties broken by row ids for determinism
-        order = torch.argsort(s, descending=True, stable=True)[:k]
+        # ties broken by the row ids, so that the result does not depend on the order candidates
+        # arrive in (a resumed run sees its chunks in another order than an uninterrupted one)
+        order = torch.arange(s.numel(), device=s.device)
+        for col in reversed(range(r.shape[1])):
+            order = order[torch.argsort(r[order, col], stable=True)]
+        order = order[torch.argsort(s[order], descending=True, stable=True)][:k]
         self.scores, self.rows, self.extra = s[order], r[order], e[order]
 
 
@@ -255,10 +260,11 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
     """Full-vocabulary bigram table of `path`: global top-K pairs and per-source top-n.
 
     Streams source tokens in chunks of `chunk_size` (never a V×V tensor). `checkpoint` (an object
-    with `done() -> set[int]`, `load() -> rows`, `save(chunk, cand_rows, ctx_rows)`, as
-    `jetfx.ngram_db.Run` provides) makes the run resumable: finished chunks are skipped and their
-    stored candidates merged. `max_chunks` stops after that many new chunks (the table is then
-    marked incomplete), which is how an interruption is simulated in tests.
+    with `done() -> set[int]`, `is_done(chunk)`, `load() -> rows`, `save(chunk, cand_rows, ctx_rows)`,
+    as `jetfx.ngram_db.Run` provides) makes the run resumable: finished chunks are skipped (also
+    those another process finishes meanwhile), and the final table is ranked from the candidates
+    of every saved chunk, so that it is the same however often the run was interrupted.
+    `max_chunks` stops after that many new chunks (the table is then marked incomplete).
     """
     if score not in SCORES:
         raise InputError(f"score must be one of {SCORES}, got {score!r}")
@@ -290,7 +296,7 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
     new = 0
     try:
         for ci, chunk in enumerate(chunks):
-            if ci in done:
+            if ci in done or (checkpoint is not None and checkpoint.is_done(ci)):  # by us before, or by another process
                 continue
             if max_chunks is not None and new >= max_chunks:
                 table.complete = False
@@ -351,6 +357,17 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
     finally:
         bar.close()
     table.chunks_done = len(done) + new
+    if checkpoint is not None:
+        table.chunks_done = len(checkpoint.done())
+        if table.chunks_done == len(chunks):  # the whole table, ranked from every saved chunk
+            table.complete = True
+            cand, table.per_context = checkpoint.load()
+            if running is not None:
+                running = RunningTopK(top_k, 2, device)
+                if cand:
+                    c = torch.tensor([r[:2] for r in cand], dtype=torch.long, device=device)
+                    e = torch.tensor([r[2:4] for r in cand], dtype=torch.float32, device=device)
+                    running.add(e[:, 0 if score == "logit" else 1], c, e)
     if running is not None:
         for i, ((v, u), (lg, lp)) in enumerate(zip(running.rows.tolist(), running.extra.tolist())):
             table.top.append((i + 1, v, u, lg, lp))
@@ -510,9 +527,16 @@ def load_keywords(path) -> list[str]:
     from pathlib import Path
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"keyword file {str(p)!r} does not exist")
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not p.is_file():
+        raise InputError(f"keyword file {str(p)!r} does not exist" if not p.exists() else f"{str(p)!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"keyword file {str(p)!r} is not UTF-8 text; give one keyword a line") from None
+    words = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not words:
+        raise InputError(f"keyword file {str(p)!r} holds no keywords; give one keyword a line ('#' starts a comment)")
+    return words
 
 
 def default_keywords_file():
