@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 
-from .cli_args import DEFAULT_MODEL, add_model_args, non_negative_int, positive_int
+from .cli_args import add_model_args, non_negative_int, positive_int
 
 DEFAULT_TEXT = "The capital of France is"
 
@@ -210,8 +210,10 @@ def cmd_interactions(args) -> int:
 def cmd_demo(args) -> int:
     from .cli_args import check_device
     from .demo import run_demo
+    from .files import check_output_folder
 
     check_device(args)
+    check_output_folder(args.out, "--out")
     return run_demo(args.out, model=args.model, device=args.device, quick=args.quick)
 
 
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the main job on the built-in model: structure, expansion, pictures, lens, bigrams")
-    add_model_args(p)
+    add_model_args(p, dtype=False)
     p.add_argument("--out", default="out", help="output folder (default out/)")
     p.add_argument("--quick", action="store_true", help="skip the slower steps (full-vocabulary bigrams)")
     p.set_defaults(func=cmd_demo)

@@ -59,13 +59,14 @@ def token_ids(text: str) -> list[int]:
     return ids
 
 
-def add_model_args(p: argparse.ArgumentParser, device_default: str | None = "cpu") -> None:
+def add_model_args(p: argparse.ArgumentParser, device_default: str | None = "cpu", dtype: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name, model folder or hub name (default {DEFAULT_MODEL})")
     p.add_argument("--device", default=device_default,
                    help="cpu, cuda, cuda:1, mps (default: cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights and computation (default float32; float64 for high jet orders)")
+    if dtype:
+        p.add_argument("--dtype", choices=DTYPES, default="float32",
+                       help="weights and computation (default float32; float64 for high jet orders)")
 
 
 def check_device(args):

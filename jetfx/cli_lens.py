@@ -66,7 +66,8 @@ def run(args) -> int:
         print(f"{result.kind} lens, k={result.k}: mean cosine {result.mean_cosine:.4f}, "
               f"top-1 agreement {result.mean_agreement:.3f}")
         if result.kind == "joint" and result.optimized_loss is not None:
-            print(f"weight loss: uniform {result.uniform_loss:.4g}, optimized {result.optimized_loss:.4g}")
+            print(f"weight loss (relative squared error of the logits; 1 = predicting 0): uniform "
+                  f"{result.uniform_loss:.4g}, optimized {result.optimized_loss:.4g}")
     print(json.dumps(written, indent=1))
     return 0
 

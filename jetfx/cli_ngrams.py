@@ -76,11 +76,13 @@ def _selection(first, second) -> str:
 
 
 def _print_rows(rows) -> None:
-    # log-probabilities of the top bigrams can all lie within 1e-3 of 0 (P ≈ 1): %g keeps them apart
+    # the top log-probabilities can all lie within 1e-9 of 0 (P ≈ 1, e.g. v→v on tied embeddings):
+    # %g keeps them apart, and P is then shown as 1 − (1 − P)
     for r in rows:
         arrow = " ".join(repr(t) for t in r["text"][:-1]) + " → " + repr(r["text"][-1])
         lp = r["logprob"]
-        print(f"{r['rank']:5d}  {arrow:<40}  logit {r['logit']:9.4f}  logP {lp:11.5g}  P {math.exp(lp):.6f}")
+        p = f"1-{-math.expm1(lp):.4g}" if lp > -1e-3 else f"{math.exp(lp):.4g}"
+        print(f"{r['rank']:5d}  {arrow:<40}  logit {r['logit']:9.4f}  logP {lp:11.5g}  P {p}")
 
 
 def run_ngrams(args) -> int:

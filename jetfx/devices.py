@@ -40,7 +40,7 @@ def check_device(device) -> torch.device:
                              f"{'' if count == 1 else 's'} (cuda:0 … cuda:{count - 1})")
     elif d.type == "mps":
         if not torch.backends.mps.is_available():
-            raise InputError(f"device 'mps' is not available (it needs Apple silicon and a torch built with MPS); "
+            raise InputError("device 'mps' is not available (it needs Apple silicon and a torch built with MPS); "
                              "use the CPU (device 'cpu')")
     elif d.type != "cpu":
         raise InputError(f"device {str(d)!r} is not supported by jetfx: use cpu, cuda, cuda:N or mps")

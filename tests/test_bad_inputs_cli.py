@@ -174,3 +174,19 @@ def test_cli_paths_with_an_empty_selection_lists_nothing(files, capsys):
     assert main(["paths", "--model", files["model"], "--through", "layers.0.mlp", "--avoid", "layers.0.mlp"]) == 0
     out = capsys.readouterr().out
     assert "selects 0" in out and "no path passes every filter" in out
+
+
+@pytest.mark.parametrize("k, warned", [(1, False), (8, True)])
+def test_joint_lens_warns_when_its_jets_do_not_fit(files, tmp_path, capsys, k, warned):
+    """At k = 8 the tiny model's optimized joint lens misses the decoder output by ~1e6 times its
+    size (mean cosine < 0): said in one line, with what to do; at k = 1 (error 0.05) nothing."""
+    argv = ["lens", "--model", files["model"], "--text", "The capital of France is Paris", "--k", str(k), "--joint",
+            "--steps", "50", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    warning = [ln for ln in err.splitlines() if ln.startswith("jetfx: warning: ")]
+    if warned:
+        assert len(warning) == 1 and f"the joint jet lens at k={k} does not fit the decoder's output" in warning[0]
+        assert "Use a lower order" in warning[0]
+    else:
+        assert not warning, err
