@@ -190,3 +190,16 @@ def test_joint_lens_warns_when_its_jets_do_not_fit(files, tmp_path, capsys, k, w
         assert "Use a lower order" in warning[0]
     else:
         assert not warning, err
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    from jetfx.files import write_atomic
+
+    target = tmp_path / "out.json"
+    write_atomic(target, "old")
+    write_atomic(target, "new")
+    assert target.read_text() == "new"
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError):  # the final rename fails: no temporary file is left behind
+        write_atomic(tmp_path / "folder", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "out.json"]

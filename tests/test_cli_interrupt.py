@@ -149,11 +149,13 @@ def test_ngrams_interrupted_and_resumed_equals_uninterrupted(folders, reference,
 
 
 def test_ngrams_processes_writing_one_fresh_database(folders, reference, tmp_path):
-    """Two paths and a duplicate, at once: every process succeeds, nothing is stored twice."""
+    """Two processes at once, each computing both paths in the opposite order: different paths on
+    one fresh file, then the same run from both. Both succeed; nothing is stored twice."""
     db = tmp_path / "shared.sqlite"
     common = ["--model", folders["wide"], "--db", str(db), "--chunk-size", "16", "--top-k", "50",
               "--per-context", "2", "--no-progress", "--print", "3"]
-    procs = [start("ngrams", "--path", path, *common) for path in ("embed", "layers.0.mlp", "embed")]
+    procs = [start("ngrams", "--path", first, "--path", second, *common)
+             for first, second in (("embed", "layers.0.mlp"), ("layers.0.mlp", "embed"))]
     results = [finish(p) for p in procs]
     for rc, out, err in results:
         assert rc == 0 and "Traceback" not in err, err

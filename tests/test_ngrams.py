@@ -258,3 +258,28 @@ def test_cli_parsers():
     assert a.model == "smollm2-135m" and a.path == ["layers.3.mlp"] and a.drop_self
     assert ap.parse_args(["diff", "1", "2"]).func.__name__ == "run_diff"
     assert ap.parse_args(["mass"]).func.__name__ == "run_mass"
+
+
+def _near_one_tables_on(device: str):
+    """Bigram tables (global and per-context, float64 log-probabilities near 0) on `device` equal the CPU's."""
+    m, _ = _llama(seed=3)
+    with torch.no_grad():
+        m.lm_head.weight.copy_(400 * m.model.embed_tokens.weight)
+    gm = jetfx.trace(m, torch.tensor([[1, 2, 3]]))
+    want = N.bigram_table(gm, "embed", top_k=20, per_context=2, chunk_size=16, progress=False)
+    got = N.bigram_table(gm.to(device), "embed", top_k=20, per_context=2, chunk_size=16, progress=False)
+    gm.to("cpu")
+    assert [r[:3] for r in got.top] == [r[:3] for r in want.top]
+    for rows_a, rows_b in ((got.top, want.top), (got.per_context, want.per_context)):
+        a = torch.tensor([r[-1] for r in rows_a], dtype=torch.float64)
+        b = torch.tensor([r[-1] for r in rows_b], dtype=torch.float64)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_bigram_tables_after_moving_the_module_equal_the_first():
+    _near_one_tables_on("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (checked on a GPU machine)")
+def test_bigram_tables_on_cuda_equal_cpu():
+    _near_one_tables_on("cuda")
