@@ -421,44 +421,22 @@ class PathGraph:
         return sum(n for s, n in states.items() if f._accept(s))
 
     def iter_paths(self, filter=None) -> Iterator[Path]:
-        """Selected paths in a fixed order (depth-first, skip before blocks).
-
-        Only prefixes with at least one accepted completion are entered (`_live_states`), so the
-        first n paths cost O(n · depth) however many paths the filter rejects — without it a filter
-        that only accepts at the end (e.g. through a first-layer block, or nothing at all) walks up
-        to 2^L prefixes before its first path.
-        """
+        """Selected paths in a fixed order (depth-first, skip before blocks), pruning rejected prefixes."""
         f = _as_filter(filter)
         steps = self.structure.steps
-        live = self._live_states(f)
 
         def walk(i, state, prefix):
             if i == len(steps):
-                yield Path(prefix)
+                if f._accept(state):
+                    yield Path(prefix)
                 return
             for choice in (None, *steps[i].blocks):
                 s2 = f._advance(state, steps[i], choice)
-                if s2 is REJECT or s2 not in live[i + 1]:
+                if s2 is REJECT:
                     continue
                 yield from walk(i + 1, s2, prefix if choice is None else prefix + (choice.name,))
 
-        if f.start() in live[0]:
-            yield from walk(0, f.start(), ())
-
-    def _live_states(self, f) -> list[set]:
-        """live[i]: the filter states before step i from which some completion is accepted
-        (forward reachability, then backward over the same transitions, like `count`)."""
-        steps = self.structure.steps
-        reach = [{f.start()}]
-        for step in steps:
-            reach.append({s2 for s in reach[-1] for c in (None, *step.blocks)
-                          if (s2 := f._advance(s, step, c)) is not REJECT})
-        live = [set() for _ in reach]
-        live[-1] = {s for s in reach[-1] if f._accept(s)}
-        for i in range(len(steps) - 1, -1, -1):
-            live[i] = {s for s in reach[i] if any((s2 := f._advance(s, steps[i], c)) is not REJECT and s2 in live[i + 1]
-                                                  for c in (None, *steps[i].blocks))}
-        return live
+        yield from walk(0, f.start(), ())
 
     def paths(self, filter=None, limit: int | None = None) -> list[Path]:
         """The selected paths; with `limit`, an error if there are more (counted, not enumerated)."""
