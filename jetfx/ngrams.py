@@ -258,7 +258,8 @@ def _row_log_normalizer(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.T
         t = scratch[: zz.shape[0], : zz.shape[1]].to(zz.dtype)
         torch.sub(zz, m, out=t)
         t.scatter_(1, arg, -math.inf)  # the maximum apart: it is the 1 of log1p
-        m2 = t.amax(1, keepdim=True)  # the second largest, relative to m (≤ 0)
+        m2 = t.amax(1, keepdim=True).clamp_min_(-1e30)  # the second largest, relative to m (finite: a row
+        # whose other entries are all -inf gets δ = 0)
         # below -80, exp() underflows into denormals, which CPUs compute ~10× slower; relative to
         # the second largest entry (a term 1), clamping changes the sum by < V·e^-80 ≈ 1e-30
         t.sub_(m2).clamp_min_(-80.0).exp_()
