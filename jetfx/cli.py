@@ -150,7 +150,7 @@ def cmd_expand(args) -> int:
 
     rel = out.relative_error()
     if not rel <= exactness_tolerance(out.logits.dtype):
-        print(f"error: the expansion is not exact: Σ paths + remainder misses the logits by {rel:.3g} of their "
+        print(f"jetfx: error: the expansion is not exact: Σ paths + remainder misses the logits by {rel:.3g} of their "
               f"scale (float rounding of path terms up to {float(out.stacked.abs().amax()):.3g}); use a lower --k",
               file=sys.stderr)
         return 3

@@ -61,26 +61,3 @@ def check_order(k) -> int:
         )
     return k
 
-
-def check_device(device):
-    """A usable torch.device, or an `InputError` that says how to get one (a CPU-only torch has no CUDA)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (or 'mps' on Apple silicon)") from None
-    if dev.type == "cuda":
-        if not torch.backends.cuda.is_built():
-            raise InputError(f"device {device!r} needs a CUDA build of PyTorch, but this one ({torch.__version__}) is "
-                             "CPU-only: install one from https://pytorch.org/get-started/locally/ (e.g. pip install "
-                             "torch --index-url https://download.pytorch.org/whl/cu128) on a machine with an NVIDIA GPU, "
-                             "or use device='cpu'")
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device!r}: this PyTorch supports CUDA but sees no GPU (check the driver with "
-                             "nvidia-smi, or CUDA_VISIBLE_DEVICES); use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device 'mps' needs Apple silicon with a PyTorch built for it; use device='cpu'")
-    return dev

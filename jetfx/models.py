@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, MissingDependencyError, check_device
+from .devices import check_device
+from .errors import InputError, MissingDependencyError
 
 BUILTIN = {
     "smollm2-135m": {
