@@ -109,6 +109,59 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def gram(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """WᵀW (d × d) in `dtype` for W (V, d), summed over blocks of rows: no (V, d) copy of W in
+    `dtype` is made (4 GB for U at V = 128256, d = 4096 in float64)."""
+    g = torch.zeros(weight.shape[1], weight.shape[1], dtype=dtype, device=weight.device)
+    step = max(1, (1 << 24) // max(1, weight.shape[1]))
+    for i in range(0, weight.shape[0], step):
+        block = weight[i:i + step].to(dtype)
+        g.addmm_(block.t(), block)
+    return g
+
+
+def host_floats(t: torch.Tensor) -> list[float]:
+    """`t.tolist()` as floats: one device → host transfer (nan for tensors on the meta device,
+    which have no values: device bookkeeping is checked there)."""
+    if t.device.type == "meta":
+        return [float("nan")] * t.numel()
+    return [float(v) for v in t.detach().double().flatten().tolist()]
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def default_jet_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision jets are computed in for a model of floating type `dtype`: float32 for half
+    precision (the k ≥ 1 coefficients are small next to c_0 and would drown in bf16/fp16 rounding),
+    the model's own dtype otherwise."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def jet_dtype(gm: fx.GraphModule) -> torch.dtype:
+    """The dtype jets of `gm` are computed in: `gm.jetfx.jet_dtype` (set by `jetfx.trace(...,
+    jet_dtype=...)`, or assigned later), by default float32 for half-precision models."""
+    info = getattr(gm, "jetfx", None)
+    chosen = getattr(info, "jet_dtype", None)
+    if chosen is not None:
+        return chosen
+    return default_jet_dtype(getattr(info, "dtype", None) or torch.float32)
+
+
+def compute_region(region: Region, dtype: torch.dtype) -> Region:
+    """`region` computing in `dtype` (weights and side inputs cast as read, see
+    `passes.dtype.compute_in`); the region itself when it already computes in `dtype`. Kept on the
+    region module, so jets built from it are built once."""
+    from .passes.dtype import compute_in
+
+    cache = region.module.__dict__.setdefault("_jetfx_compute_regions", {})
+    if dtype not in cache:
+        module = compute_in(region.module, dtype)
+        cache[dtype] = region if module is region.module else Region(module, region.stream_input,
+                                                                      region.side_inputs, region.output)
+    return cache[dtype]
+
+
 def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:
     """A copy of the traced graph that returns the values of the nodes `names` (a tuple)."""
     key = ("probe", names)

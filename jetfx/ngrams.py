@@ -230,16 +230,27 @@ class RunningTopK:
         self.scores, self.rows, self.extra = s[order], r[order], e[order]
 
 
+def _scratch_rows(device: torch.device, width: int) -> int:
+    """Rows of the logsumexp scratch buffer: 64 on a CPU (they stay in cache); on a GPU as many as fit
+    in 256 MB of float32, so that a chunk takes a few large kernels, not hundreds of small ones."""
+    if torch.device(device).type == "cpu":
+        return 64
+    return max(64, (1 << 26) // max(1, width))
+
+
 def _row_logsumexp(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp, max) of every row of z, in row blocks that stay in cache (no z-sized temporary:
-    `torch.logsumexp` allocates two, and is 3× slower on CPU)."""
-    lse = torch.empty(z.shape[0], device=z.device, dtype=z.dtype)
-    mx = torch.empty_like(lse)
+    `torch.logsumexp` allocates two, and is 3× slower on CPU). Summed in float32 (the scratch's
+    dtype) whatever z's dtype: a bfloat16 row sum of 128256 terms would lose the small ones."""
+    lse = torch.empty(z.shape[0], device=z.device, dtype=torch.promote_types(z.dtype, scratch.dtype))
+    mx = torch.empty(z.shape[0], device=z.device, dtype=z.dtype)
     b = scratch.shape[0]
     for i in range(0, z.shape[0], b):
         zz = z[i:i + b]
         m = zz.amax(1, keepdim=True)
-        t = scratch[: zz.shape[0], : zz.shape[1]].to(zz.dtype)
+        t = scratch[: zz.shape[0], : zz.shape[1]]
+        if t.dtype != torch.promote_types(zz.dtype, t.dtype):  # a float64 model: its own precision
+            t = t.to(zz.dtype)
         torch.sub(zz, m, out=t)
         # below -80, exp() underflows into denormals, which CPUs compute ~10× slower; their sum
         # is < V·e^-80 ≈ 1e-30 relative to the max term, so clamping changes nothing measurable
@@ -286,7 +297,7 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
         table.per_context.extend(ctx)
     bar = _progress(len(chunks), progress, f"bigrams {ev.path.name}", initial=len(done))
     buf = None
-    scratch = torch.empty(64, V, device=device)
+    scratch = torch.empty(_scratch_rows(device, V), V, device=device)
     new = 0
     try:
         for ci, chunk in enumerate(chunks):
@@ -338,9 +349,11 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
                     n = min(per_context, V)
                     vals, u = torch.topk(z, n, dim=1)
                     lp = vals - lse[:, None]
+                    # three transfers per chunk (not three per entry)
+                    u, vals, lp = u.tolist(), vals.float().tolist(), lp.float().tolist()
                     for i, s in enumerate(chunk.tolist()):
                         for j in range(n):
-                            ctx_rows.append((s, j + 1, int(u[i, j]), float(vals[i, j]), float(lp[i, j])))
+                            ctx_rows.append((s, j + 1, u[i][j], vals[i][j], lp[i][j]))
                 if drop_self:
                     z[pos, self_idx] = saved
             table.per_context.extend(ctx_rows)
@@ -376,7 +389,7 @@ def _progress(total: int, enabled: bool, desc: str, initial: int = 0):
 
 @torch.no_grad()
 def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
-    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor."""
+    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor on the model's device."""
     ev = PathEvaluator(gm, path)
     t = torch.as_tensor(pairs, dtype=torch.long)
     if t.dim() != 2 or t.shape[1] != ev.path.n:
@@ -384,9 +397,11 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
     _as_ids(t[:, :-1], ev.sources, "contexts")
     _as_ids(t[:, -1], ev.vocab, "targets")
     ctx, inv = torch.unique(t[:, :-1], dim=0, return_inverse=True)
-    out = torch.empty(t.shape[0], 2)
+    # scored on the model's device; only the (P, 2) scores come back (not 1024 × V logits per block)
+    t, inv = t.to(ev.device), inv.to(ev.device)
+    out = torch.empty(t.shape[0], 2, device=ev.device)
     for i in range(0, ctx.shape[0], 1024):
-        z = ev.logits(ctx[i:i + 1024]).float().cpu()
+        z = ev.logits(ctx[i:i + 1024]).float()
         lse = torch.logsumexp(z, 1)
         sel = (inv >= i) & (inv < i + 1024)
         rows = inv[sel] - i
@@ -433,7 +448,7 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
     bar = _progress(math.ceil(a.numel() / rows_per), progress, f"trigrams {ev.path.name}")
     for i in range(0, a.numel(), rows_per):
         v1 = a[i:i + rows_per]
-        ctx = torch.stack([v1.repeat_interleave(b.numel()), b.repeat(v1.numel())], 1)
+        ctx = torch.stack([v1.repeat_interleave(b.numel()), b.repeat(v1.numel())], 1).to(device)
         hid = ev.hidden(ctx).float()
         stats["contexts"] += ctx.shape[0]
         if prune:
@@ -444,10 +459,10 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
                 idx = idx[bound[idx] > running.threshold]
                 if idx.numel() == 0:
                     break
-                _score_contexts(ev, hid[idx], ctx[idx].to(device), running, score)
+                _score_contexts(ev, hid[idx], ctx[idx], running, score)
                 stats["evaluated"] += idx.numel()
         else:
-            _score_contexts(ev, hid, ctx.to(device), running, score)
+            _score_contexts(ev, hid, ctx, running, score)
             stats["evaluated"] += ctx.shape[0]
         bar.update(1)
     bar.close()
