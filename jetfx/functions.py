@@ -81,7 +81,10 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
                    and getattr(n.args[0], "name", None) == d.norm_output and len(n.args) > 1
                    and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
                    and n.args[1].target == d.unembedding]
-        if applies:
+        if applies and d.norm_output == d.input:  # no final norm: U reads the stream itself
+            weight = fetch_attr(gm, d.unembedding).detach()
+            result = DecoderSplit(_identity_region(d.input), weight if "linear" in str(applies[0].target) else weight.t())
+        elif applies:
             weight = fetch_attr(gm, d.unembedding).detach()
             if "linear" not in str(applies[0].target):
                 weight = weight.t()
@@ -97,6 +100,14 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
             result = DecoderSplit(region, weight)
     cache[key] = result
     return result
+
+
+def _identity_region(name: str) -> Region:
+    """x ↦ x as a region (the part of a norm-less decoder before U)."""
+    g = fx.Graph()
+    g.output(g.placeholder("x"))
+    return Region(module=fx.GraphModule(torch.nn.Module(), g, class_name="Region"), stream_input=name,
+                  side_inputs=(), output=name)
 
 
 def _first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
@@ -142,10 +153,17 @@ def jet_dtype(gm: fx.GraphModule) -> torch.dtype:
     """The dtype jets of `gm` are computed in: `gm.jetfx.jet_dtype` (set by `jetfx.trace(...,
     jet_dtype=...)`, or assigned later), by default float32 for half-precision models."""
     info = getattr(gm, "jetfx", None)
+    model = getattr(info, "dtype", None) or torch.float32
     chosen = getattr(info, "jet_dtype", None)
-    if chosen is not None:
-        return chosen
-    return default_jet_dtype(getattr(info, "dtype", None) or torch.float32)
+    if chosen is None:
+        return default_jet_dtype(model)
+    if chosen != model and torch.finfo(chosen).bits <= torch.finfo(model).bits:
+        from .errors import InputError
+
+        raise InputError(f"jet_dtype={chosen} is not wider than the model's {model}: jets are computed in the model's "
+                         "dtype or a wider one (torch.float32, torch.float64); set gm.jetfx.jet_dtype = None for the "
+                         "default")
+    return chosen
 
 
 def compute_region(region: Region, dtype: torch.dtype) -> Region:

@@ -439,7 +439,7 @@ def reproduction_tolerance(dtype: torch.dtype) -> float:
     exactness of expansions too (`jetfx.expanded.exactness_tolerance`)."""
     from .expanded import exactness_tolerance
 
-    return max(1e-4, exactness_tolerance(dtype))
+    return exactness_tolerance(dtype) if dtype in (torch.float16, torch.bfloat16) else 1e-4
 
 
 def _relative(err: float, eager: torch.Tensor) -> float:

@@ -65,16 +65,35 @@ def _replace_tensors(module: torch.nn.Module, dtype: torch.dtype) -> None:
                 setattr(mod, name, convert(value))
 
 
+def _widen(obj, dtype):
+    """`_swap` for the dtype constants narrower than `dtype` only (a model's own float32 upcasts stay)."""
+    if isinstance(obj, torch.dtype):
+        return dtype if obj in _FLOATS and _bits(obj) < _bits(dtype) else obj
+    if isinstance(obj, tuple):
+        return tuple(_widen(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_widen(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _widen(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
+
+
 def compute_in(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
-    """A copy of `gm` that computes in `dtype`, its weights cast as they are read.
+    """A copy of `gm` that computes in `dtype` (or wider), its weights cast as they are read.
 
     Jets of a bfloat16 or float16 model are computed in float32 (DESIGN: the k ≥ 1 coefficients are
     small next to c_0 and would drown in half-precision rounding). Converting the parameters would
     keep a float32 copy of every weight alive; here each floating `get_attr` is followed by a cast,
     so the float32 copy of a weight exists only while the region runs. Floating placeholders are
     cast on entry (side inputs such as rotary tables arrive in the model's dtype), dtype constants
-    are rewritten as in `cast_floating`, and the recorded `meta["val"]` dtypes follow (the Taylor
-    pass reads them). Parameters stay shared with `gm`. Returns `gm` itself when nothing changes.
+    narrower than `dtype` are rewritten (wider ones, such as float32 norms in a bfloat16 model read
+    in float32 anyway, stay), and the recorded `meta["val"]` dtypes follow (the Taylor pass reads
+    them). Only precision is ever raised. Parameters stay shared with `gm`. Returns `gm` itself when
+    nothing changes.
     """
     if dtype not in _FLOATS:
         raise ValueError(f"compute_in needs a floating dtype, got {dtype}")
@@ -88,11 +107,11 @@ def compute_in(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
             g.output(fx.node.map_arg(node.args[0], lambda a: env[a]))
             continue
         new = g.node_copy(node, lambda a: env[a])
-        new.args = _swap(new.args, dtype)
-        new.kwargs = _swap(new.kwargs, dtype)
+        new.args = _widen(new.args, dtype)
+        new.kwargs = _widen(new.kwargs, dtype)
         _retype_meta(new, dtype)
         value = _floating_input(gm, node)
-        if value is not None and value != dtype:
+        if value is not None and _bits(value) < _bits(dtype):
             cast = g.call_function(torch.ops.aten.to.dtype, (new, dtype))
             cast.meta = dict(new.meta)
             _retype_meta(cast, dtype)
@@ -120,9 +139,9 @@ def _floating_input(gm: fx.GraphModule, node: fx.Node) -> torch.dtype | None:
 def _needs_compute_cast(gm: fx.GraphModule, dtype: torch.dtype) -> bool:
     for node in gm.graph.nodes:
         found = _floating_input(gm, node)
-        if found is not None and found != dtype:
+        if found is not None and _bits(found) < _bits(dtype):
             return True
-        if _swap(node.args, dtype) != node.args or _swap(node.kwargs, dtype) != node.kwargs:
+        if _widen(node.args, dtype) != node.args or _widen(node.kwargs, dtype) != node.kwargs:
             return True
     return False
 
@@ -130,7 +149,7 @@ def _needs_compute_cast(gm: fx.GraphModule, dtype: torch.dtype) -> bool:
 def _retype_meta(node: fx.Node, dtype: torch.dtype) -> None:
     """meta["val"] in `dtype` (fake tensors are re-made in their own fake mode; others dropped)."""
     v = node.meta.get("val")
-    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dtype == dtype:
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point() or _bits(v.dtype) >= _bits(dtype):
         return
     node.meta = dict(node.meta)
     mode = getattr(v, "fake_mode", None)
