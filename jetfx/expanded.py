@@ -239,8 +239,9 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
 
     `ex(tokens)` returns an `ExpansionOutput`; `ex.forward(tokens)` (what hooks and exporters see)
     returns the plain tuple (stacked path logits, remainder, logits). `ex.hooks[path]` is the hook
-    point of one path's logits (`intervene`, `ablate`, `patch` use them). It moves with `.to()`,
-    prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
+    point of one path's logits (`intervene`, `ablate`, `patch` use them). It moves with `.to()` —
+    every constant it holds, and the traced module it reads (`ex.source`, whose weights it shares) —,
+    runs under `torch.compile` with `ex.compile()`, prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
     `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic plan), `ex.k`.
     """
 

@@ -260,23 +260,27 @@ def _tokens(gm: fx.GraphModule, tokens) -> torch.Tensor:
 
 
 def _faithfulness(lens: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarity (in float64) and top-1 agreement of lens logits (…, B, T, V) with the
-    model's (B, T, V), on their device, in blocks of positions: no float64 copy of the whole lens."""
+    """Cosine similarity and top-1 agreement of lens logits (…, B, T, V) with the model's (B, T, V),
+    on their device. Sums in float32 (float64 for a float64 model), in blocks of rows and positions
+    of at most 2^26 values: a few passes over the logits, no copy of them in another dtype."""
     V = model.shape[-1]
     lead = lens.shape[:-model.dim()]
+    dtype = torch.promote_types(lens.dtype, torch.float32)
     rows = lens.reshape(-1, model[..., 0].numel(), V)  # (rows, positions, V)
     ref = model.reshape(-1, V)
-    cos = torch.empty(rows.shape[:2], dtype=torch.float32, device=lens.device)
-    step = max(1, (1 << 24) // V)
+    cos = torch.empty(rows.shape[:2], dtype=dtype, device=lens.device)
+    step = max(1, min(ref.shape[0], (1 << 26) // V))
+    per = max(1, (1 << 26) // (step * V))  # rows per block
     eps = 1e-8  # torch.nn.functional.cosine_similarity's
     for j in range(0, ref.shape[0], step):
-        b = ref[j:j + step].double()
-        nb = b.norm(dim=-1).clamp_min(eps)
-        for r in range(rows.shape[0]):
-            a = rows[r, j:j + step].double()
-            cos[r, j:j + step] = (a * b).sum(-1) / (a.norm(dim=-1).clamp_min(eps) * nb)
+        b = ref[j:j + step].to(dtype)
+        nb = torch.linalg.vector_norm(b, dim=-1).clamp_min(eps)
+        for r in range(0, rows.shape[0], per):
+            a = rows[r:r + per, j:j + step].to(dtype)
+            dot = (a * b).sum(-1)
+            cos[r:r + per, j:j + step] = dot / (torch.linalg.vector_norm(a, dim=-1).clamp_min(eps) * nb)
     agree = lens.argmax(-1) == model.argmax(-1)
-    return cos.reshape(*lead, *model.shape[:-1]), agree
+    return cos.float().reshape(*lead, *model.shape[:-1]), agree
 
 
 def _check_norm(dec: _Decoder, k: int) -> None:
