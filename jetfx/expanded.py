@@ -251,8 +251,10 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
     def __call__(self, tokens, *args, **kwargs):
         from .tracing import as_tokens, check_padding
 
-        if not isinstance(tokens, torch.Tensor):
-            tokens = as_tokens(tokens, getattr(self, "tokenizer", None))
+        if not isinstance(tokens, torch.Tensor):  # text or ids made here: put them where the module is
+            from .functions import device_of
+
+            tokens = as_tokens(tokens, getattr(self, "tokenizer", None)).to(device_of(self))
         elif getattr(self, "tokenizer", None) is not None and tokens.device.type != "meta":
             check_padding(tokens, self.tokenizer)
         compiled = self.__dict__.get("_jetfx_compiled")

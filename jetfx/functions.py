@@ -120,6 +120,7 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+@torch.no_grad()  # an autograd graph would keep every converted block of W alive
 def gram(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """WᵀW (d × d) in `dtype` for W (V, d), summed over blocks of rows: no (V, d) copy of W in
     `dtype` is made (4 GB for U at V = 128256, d = 4096 in float64)."""

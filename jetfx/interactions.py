@@ -181,10 +181,11 @@ class _Readout:
             full = torch.cat([h[:, :position], z.view(1, 1, -1), h[:, position + 1:]], dim=1)
             return norm.module(full, *side)[0, position]
 
-        jac = torch.func.jacfwd(at_position)(h[0, position])  # (d, d)
-        U = split.unembedding
-        self.metric = jac.T @ gram(U, jac.dtype) @ jac  # blocked UᵀU: no copy of U in the jet dtype
-        self.row = jac.T @ U[top].to(jac.dtype)
+        with torch.no_grad():
+            jac = torch.func.jacfwd(at_position)(h[0, position])  # (d, d)
+            U = split.unembedding
+            self.metric = jac.T @ gram(U, jac.dtype) @ jac  # blocked UᵀU: no copy of U in the jet dtype
+            self.row = jac.T @ U[top].to(jac.dtype)
 
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         quad = torch.einsum("nd,de,ne->n", t, self.metric, t).clamp_min(0)

@@ -335,6 +335,7 @@ def stream_rows_from(structure, granularity: str, layers=None):
 # iterative lens
 
 
+@torch.no_grad()  # results are data: no autograd graph keeps the (rows × batch × T × V) temporaries alive
 def iterative_lens(gm: fx.GraphModule, tokens, k: int = 1, *, layers=None, granularity: str = "layer",
                    method: str = "auto") -> LensResult:
     """Iterative jet lens: row i is U · J^k γ_{L+1}(h_i)(h_L); k = 0 is the logit lens.
@@ -462,6 +463,7 @@ def optimize_weights(terms: torch.Tensor, target: torch.Tensor, gram: torch.Tens
     return best_w.movedim(-1, 0).float(), curve[:-1], curve[0], curve[-1]
 
 
+@torch.no_grad()
 def joint_lens(gm: fx.GraphModule, tokens, k: int = 1, *, weights="uniform", granularity: str = "layer",
                steps: int = 200, lr: float = 0.1, seed: int = 0, method: str = "auto") -> LensResult:
     """Joint jet lens: Σ_i w_i · U · J^k γ_{L+1}(x_i)(h_L), centers η and each block/layer output.

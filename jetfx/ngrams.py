@@ -415,6 +415,7 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
 # trigrams
 
 
+@torch.no_grad()
 def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top_k: int = 100,
                   score: str = "logit", prune: bool = True, batch: int = 4096, groups: int | None = None,
                   num_heads: int | None = None, progress: bool = False) -> NgramTable:
