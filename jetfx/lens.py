@@ -148,6 +148,7 @@ class LensResult:
     (each row is a lens), (B, T, V) for the joint lens (Σ_r w_r · row_logits[r]).
     `cosine`, `agreement`: faithfulness (cosine similarity, top-1 agreement with `model_logits`),
     shaped like `logits` without V. `weights` (R, B, T): the jet weights (1 for iterative rows).
+    Every tensor is on the model's device; `top`, `to_dict` and the pictures move only what they show.
     """
 
     kind: str  # "iterative" or "joint"
