@@ -55,6 +55,7 @@ class _Decoder:
     region: Any  # passes.regions.Region: f(x, *side)
     weight: torch.Tensor | None  # U as (V, d) (None: no split, jets of the whole υ)
     has_norm: bool
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # the traced module's (`cache_of`)
 
     @property
     def split(self) -> bool:
@@ -68,20 +69,27 @@ class _Decoder:
 
     def gram(self, dtype=torch.float64) -> torch.Tensor | None:
         """G = UᵀU (d × d), the metric of logit space pulled back to the stream (blocked: no float64
-        copy of U)."""
+        copy of U), kept on the traced module until U changes (4 TFLOP in float64 at V = 128256,
+        d = 4096)."""
         from .functions import gram
 
-        return None if self.weight is None else gram(self.weight, dtype)
+        if self.weight is None:
+            return None
+        version = self.weight._version  # shared with the parameter: bumped by in-place updates
+        kept = self.cache.get(("gram", dtype))
+        if kept is None or kept[0] != version:
+            kept = self.cache[("gram", dtype)] = (version, gram(self.weight, dtype))
+        return kept[1]
 
 
 def _decoder(gm: fx.GraphModule) -> _Decoder:
-    from .functions import decoder_region, split_decoder
+    from .functions import cache_of, decoder_region, split_decoder
 
     has_norm = residual_of(gm).decoder.has_norm
     split = split_decoder(gm)
     if split is None:
         return _Decoder(decoder_region(gm), None, has_norm)
-    return _Decoder(split.norm, split.unembedding, has_norm)
+    return _Decoder(split.norm, split.unembedding, has_norm, cache_of(gm))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -359,7 +359,7 @@ def test_compiled_expansion_with_inductor_equals_eager():
 # the GPU benchmark, on the CPU
 
 
-def test_bench_gpu_runs_on_the_cpu(tmp_path):
+def _bench():
     import importlib.util
     import pathlib
 
@@ -367,6 +367,11 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_gpu_runs_on_the_cpu(tmp_path):
+    bench = _bench()
     result = bench.main(["--device", "cpu", "--shape", "tiny", "--tokens", "8", "--repeat", "1", "--steps", "5",
                          "--no-compile", "--out", str(tmp_path / "bench.json")])
     feats = result["features"]
@@ -376,3 +381,15 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     assert set(result["targets"]) == {*bench.TARGETS, "memory"}
     assert all(t["met"] is None for t in result["targets"].values())  # judged on a GPU only
     assert (tmp_path / "bench.json").exists()
+
+
+@CUDA
+def test_bench_gpu_runs_on_cuda(tmp_path):
+    """The benchmark's small shape on the GPU, compiled expansion included: every feature, its peak memory."""
+    bench = _bench()
+    result = bench.main(["--device", "cuda", "--shape", "tiny", "--repeat", "2", "--steps", "20",
+                         "--out", str(tmp_path / "bench.json")])
+    feats = result["features"]
+    assert all(isinstance(f.get("peak_bytes"), int) for f in feats.values())
+    assert feats["compiled_expansion_k1"]["max_difference_to_eager"] < 1e-4
+    assert all(t["met"] is not None for t in result["targets"].values())
