@@ -29,7 +29,7 @@ from torch import fx
 
 from . import paths as P
 from .errors import ExpansionError, InputError
-from .functions import block_region, capture, compute_region, device_of, gram, jet_dtype, logits_node, split_decoder
+from .functions import block_region, capture, device_of, logits_node, split_decoder
 from .tracing import as_tokens, info_of, residual_of
 
 CHUNK = 64  # directions per vmap call
@@ -172,6 +172,8 @@ class _Readout:
         split = split_decoder(gm)
         if split is None:
             raise ExpansionError("the interaction view needs a decoder that ends in a linear unembedding U")
+        from .functions import compute_region, gram, jet_dtype
+
         dtype = jet_dtype(gm)
         norm = compute_region(split.norm, dtype)
         side = tuple(capture(gm, ids, norm.side_inputs).values()) if norm.side_inputs else ()
@@ -218,6 +220,8 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
     receiving = _select_blocks(structure, blocks)
     parts = [P.ENCODER] + [b.name for b in structure.blocks]
     part_nodes = [structure.stream[0]] + [b.output for b in structure.blocks]
+    from .functions import compute_region, jet_dtype
+
     dtype = jet_dtype(gm)  # float32 for a half-precision model: cross terms are small
     regions = {b.name: compute_region(block_region(gm, b), dtype) for b in receiving}
     side_names = sorted({s for r in regions.values() for s in r.side_inputs})
@@ -240,7 +244,6 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
             jvp = directional_graph(region.module, 1)
             X = torch.stack([value_of[c][0] for c in centers]).to(dtype)  # (N, T, d)
             w = 1.0 / len(centers)
-            pairs, sizes, effects = [], [], []
             for i, center in enumerate(centers):
                 others = [j for j in range(len(centers)) if j != i]
                 if not others:
@@ -252,13 +255,8 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
                         outs.append(torch.func.vmap(lambda v: jvp(X[i].unsqueeze(0), v, *side)[1])(dirs))
                 t = w * torch.cat(outs)[:, 0, position]  # (N − 1, d)
                 size, effect = readout(t.to(readout.metric.dtype))
-                pairs.extend((center, centers[j]) for j in others)
-                sizes.append(size)
-                effects.append(effect)
-            if pairs:  # one device → host transfer per block, not one per center
-                values = torch.stack([torch.cat(sizes), torch.cat(effects)]).double().tolist()
-                result.records.extend(Interaction(block.name, c, o, w, sz, ef)
-                                      for (c, o), sz, ef in zip(pairs, *values))
+                for j, sz, ef in zip(others, size.tolist(), effect.tolist()):
+                    result.records.append(Interaction(block.name, center, centers[j], w, sz, ef))
             result.blocks.append(block.name)
             bar.update(1)
         result.complete = True

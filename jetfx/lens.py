@@ -36,7 +36,6 @@ import torch
 from torch import fx
 
 from .errors import ExpansionError, InputError, check_order
-from .functions import jet_dtype
 from .tracing import as_tokens, info_of, residual_of
 
 GRANULARITIES = ("layer", "branch")
@@ -65,7 +64,8 @@ class _Decoder:
         """U·x in U's dtype (a bfloat16 model's logits are bfloat16: no float32 copy of U is made)."""
         if self.weight is None:
             return x
-        return x.to(self.weight.dtype) @ self.weight.t()
+        with torch.no_grad():  # lens logits are data: no autograd graph keeps U's inputs alive
+            return x.to(self.weight.dtype) @ self.weight.t()
 
     def gram(self, dtype=torch.float64) -> torch.Tensor | None:
         """G = UᵀU (d × d), the metric of logit space pulled back to the stream (blocked: no float64
@@ -268,6 +268,7 @@ def _tokens(gm: fx.GraphModule, tokens) -> torch.Tensor:
     return ids.to(device_of(gm))
 
 
+@torch.no_grad()
 def _faithfulness(lens: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity and top-1 agreement of lens logits (…, B, T, V) with the model's (B, T, V),
     on their device. Sums in float32 (float64 for a float64 model), in blocks of rows and positions
@@ -344,7 +345,6 @@ def stream_rows_from(structure, granularity: str, layers=None):
 # iterative lens
 
 
-@torch.no_grad()  # results are data: no autograd graph keeps the (rows × batch × T × V) temporaries alive
 def iterative_lens(gm: fx.GraphModule, tokens, k: int = 1, *, layers=None, granularity: str = "layer",
                    method: str = "auto") -> LensResult:
     """Iterative jet lens: row i is U · J^k γ_{L+1}(h_i)(h_L); k = 0 is the logit lens.
@@ -366,6 +366,8 @@ def iterative_lens(gm: fx.GraphModule, tokens, k: int = 1, *, layers=None, granu
     centers = torch.stack([values[stream[i]] for i, _ in rows])
     h_last = values[stream[-1]]
     side = [values[s] for s in dec.region.side_inputs]
+    from .functions import jet_dtype
+
     jets = _jets(dec, centers, h_last, side, k, method, jet_dtype(gm))
     row_logits = dec.unembed(jets) if dec.split else jets
     row_logits = row_logits.to(model_logits.dtype)
@@ -472,7 +474,6 @@ def optimize_weights(terms: torch.Tensor, target: torch.Tensor, gram: torch.Tens
     return best_w.movedim(-1, 0).float(), curve[:-1], curve[0], curve[-1]
 
 
-@torch.no_grad()
 def joint_lens(gm: fx.GraphModule, tokens, k: int = 1, *, weights="uniform", granularity: str = "layer",
                steps: int = 200, lr: float = 0.1, seed: int = 0, method: str = "auto") -> LensResult:
     """Joint jet lens: Σ_i w_i · U · J^k γ_{L+1}(x_i)(h_L), centers η and each block/layer output.
@@ -500,6 +501,8 @@ def joint_lens(gm: fx.GraphModule, tokens, k: int = 1, *, weights="uniform", gra
     centers = torch.stack([sum(values[nm] for nm in nms) for _, nms in centers_spec])
     h_last = values[structure.decoder.input]
     side = [values[s] for s in dec.region.side_inputs]
+    from .functions import jet_dtype
+
     dtype = jet_dtype(gm)
     jets = _jets(dec, centers, h_last, side, k, method, dtype)  # (N, B, T, d) or logits
     curve, u_loss, o_loss = [], None, None

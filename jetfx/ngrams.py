@@ -186,6 +186,14 @@ def _as_ids(tokens, sources: int, name: str) -> torch.Tensor:
     return t
 
 
+def _scratch_rows(device: torch.device, width: int) -> int:
+    """Rows of the log-sum-exp scratch buffer: 64 on a CPU (they stay in cache); on a GPU as many as
+    fit in 256 MB of float32, so that a chunk takes a few large kernels, not hundreds of small ones."""
+    if torch.device(device).type == "cpu":
+        return 64
+    return max(64, (1 << 26) // max(1, width))
+
+
 # ---------------------------------------------------------------------------------------------
 # bigram tables
 
@@ -230,27 +238,16 @@ class RunningTopK:
         self.scores, self.rows, self.extra = s[order], r[order], e[order]
 
 
-def _scratch_rows(device: torch.device, width: int) -> int:
-    """Rows of the logsumexp scratch buffer: 64 on a CPU (they stay in cache); on a GPU as many as fit
-    in 256 MB of float32, so that a chunk takes a few large kernels, not hundreds of small ones."""
-    if torch.device(device).type == "cpu":
-        return 64
-    return max(64, (1 << 26) // max(1, width))
-
-
 def _row_logsumexp(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp, max) of every row of z, in row blocks that stay in cache (no z-sized temporary:
-    `torch.logsumexp` allocates two, and is 3× slower on CPU). Summed in float32 (the scratch's
-    dtype) whatever z's dtype: a bfloat16 row sum of 128256 terms would lose the small ones."""
-    lse = torch.empty(z.shape[0], device=z.device, dtype=torch.promote_types(z.dtype, scratch.dtype))
-    mx = torch.empty(z.shape[0], device=z.device, dtype=z.dtype)
+    `torch.logsumexp` allocates two, and is 3× slower on CPU)."""
+    lse = torch.empty(z.shape[0], device=z.device, dtype=z.dtype)
+    mx = torch.empty_like(lse)
     b = scratch.shape[0]
     for i in range(0, z.shape[0], b):
         zz = z[i:i + b]
         m = zz.amax(1, keepdim=True)
-        t = scratch[: zz.shape[0], : zz.shape[1]]
-        if t.dtype != torch.promote_types(zz.dtype, t.dtype):  # a float64 model: its own precision
-            t = t.to(zz.dtype)
+        t = scratch[: zz.shape[0], : zz.shape[1]].to(zz.dtype)
         torch.sub(zz, m, out=t)
         # below -80, exp() underflows into denormals, which CPUs compute ~10× slower; their sum
         # is < V·e^-80 ≈ 1e-30 relative to the max term, so clamping changes nothing measurable
@@ -349,11 +346,9 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
                     n = min(per_context, V)
                     vals, u = torch.topk(z, n, dim=1)
                     lp = vals - lse[:, None]
-                    # three transfers per chunk (not three per entry)
-                    u, vals, lp = u.tolist(), vals.float().tolist(), lp.float().tolist()
                     for i, s in enumerate(chunk.tolist()):
                         for j in range(n):
-                            ctx_rows.append((s, j + 1, u[i][j], vals[i][j], lp[i][j]))
+                            ctx_rows.append((s, j + 1, int(u[i, j]), float(vals[i, j]), float(lp[i, j])))
                 if drop_self:
                     z[pos, self_idx] = saved
             table.per_context.extend(ctx_rows)
