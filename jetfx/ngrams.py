@@ -186,6 +186,14 @@ def _as_ids(tokens, sources: int, name: str) -> torch.Tensor:
     return t
 
 
+def _scratch_rows(device: torch.device, width: int) -> int:
+    """Rows of the log-sum-exp scratch buffer: 64 on a CPU (they stay in cache); on a GPU as many as
+    fit in 256 MB of float32, so that a chunk takes a few large kernels, not hundreds of small ones."""
+    if torch.device(device).type == "cpu":
+        return 64
+    return max(64, (1 << 26) // max(1, width))
+
+
 # ---------------------------------------------------------------------------------------------
 # bigram tables
 
@@ -322,7 +330,7 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
         table.per_context.extend(ctx)
     bar = _progress(len(chunks), progress, f"bigrams {ev.path.name}", initial=len(done))
     buf = None
-    scratch = torch.empty(64, V, device=device)
+    scratch = torch.empty(_scratch_rows(device, V), V, device=device)
     new = 0
     try:
         for ci, chunk in enumerate(chunks):
@@ -436,7 +444,7 @@ def _progress(total: int, enabled: bool, desc: str, initial: int = 0):
 
 @torch.no_grad()
 def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
-    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor."""
+    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor on the model's device."""
     ev = PathEvaluator(gm, path)
     t = torch.as_tensor(pairs, dtype=torch.long)
     if t.dim() != 2 or t.shape[1] != ev.path.n:
@@ -444,9 +452,11 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
     _as_ids(t[:, :-1], ev.sources, "contexts")
     _as_ids(t[:, -1], ev.vocab, "targets")
     ctx, inv = torch.unique(t[:, :-1], dim=0, return_inverse=True)
-    out = torch.empty(t.shape[0], 2, dtype=torch.float64)
+    # scored on the model's device; only the (P, 2) scores come back (not 1024 × V logits per block)
+    t, inv = t.to(ev.device), inv.to(ev.device)
+    out = torch.empty(t.shape[0], 2, dtype=torch.float64, device=ev.device)
     for i in range(0, ctx.shape[0], 1024):
-        z = ev.logits(ctx[i:i + 1024]).float().cpu()
+        z = ev.logits(ctx[i:i + 1024]).float()
         m, delta = _log_normalizer(z)
         sel = (inv >= i) & (inv < i + 1024)
         rows = inv[sel] - i
@@ -460,6 +470,7 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
 # trigrams
 
 
+@torch.no_grad()
 def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top_k: int = 100,
                   score: str = "logit", prune: bool = True, batch: int = 4096, groups: int | None = None,
                   num_heads: int | None = None, progress: bool = False) -> NgramTable:
@@ -493,7 +504,7 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
     bar = _progress(math.ceil(a.numel() / rows_per), progress, f"trigrams {ev.path.name}")
     for i in range(0, a.numel(), rows_per):
         v1 = a[i:i + rows_per]
-        ctx = torch.stack([v1.repeat_interleave(b.numel()), b.repeat(v1.numel())], 1)
+        ctx = torch.stack([v1.repeat_interleave(b.numel()), b.repeat(v1.numel())], 1).to(device)
         hid = ev.hidden(ctx).float()
         stats["contexts"] += ctx.shape[0]
         if prune:
@@ -504,10 +515,10 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
                 idx = idx[bound[idx] > running.threshold]
                 if idx.numel() == 0:
                     break
-                _score_contexts(ev, hid[idx], ctx[idx].to(device), running, score)
+                _score_contexts(ev, hid[idx], ctx[idx], running, score)
                 stats["evaluated"] += idx.numel()
         else:
-            _score_contexts(ev, hid, ctx.to(device), running, score)
+            _score_contexts(ev, hid, ctx, running, score)
             stats["evaluated"] += ctx.shape[0]
         bar.update(1)
     bar.close()
