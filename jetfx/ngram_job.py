@@ -1,0 +1,386 @@
+"""Jet n-gram tables of one model — one path or the whole model — computed chunk by chunk over the
+ranks of a process group (`jetfx.distributed`; one process is a group of one), saved by rank 0.
+
+The work is the list of (path, chunk) pairs not saved yet, in path order: chunks of source tokens
+for bigram paths, blocks of contexts (rows of `first` × `second`) for trigram paths. It is dealt out
+in rounds: in round r, rank i computes item r·W + i. After each round
+
+- every rank receives every rank's candidates for the top-K (all-gather) and adds them to its running
+  top-K of that path, so that every rank prunes against the best K found anywhere so far;
+- rank 0 receives the per-context rows (gather) and commits each chunk to its path's checkpoint (a run
+  in the SQLite database, or memory) with its index, as one transaction.
+
+When a path's chunks are all saved, rank 0 ranks the candidates of every saved chunk into the final
+table. A pair in the true top-K reaches every running K-th best (each is the K-th best of a subset),
+so it is among its chunk's candidates: the table is the same for any number of ranks, any order of
+chunks and any number of interruptions (ties are broken by token ids). Only rank 0 reads or writes
+the database, so the ranks need no shared file system.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ngrams as N
+from .distributed import Group, PeerLost
+from .errors import InputError, JetfxError
+
+WIDTH = 5  # rows cross between ranks as float64 (t1, t2, t3 | -1, logit, logprob) / (t1, rank, t2, logit, logprob)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What, besides model and path, identifies a table (every rank must use the same)."""
+
+    top_k: int = 1000
+    per_context: int = 0
+    score: str = "logprob"  # bigram paths
+    drop_self: bool = False
+    chunk_size: int = 2048  # source tokens (bigrams) or contexts (trigrams) a chunk
+    first: tuple | None = None  # trigram contexts (None: every token)
+    second: tuple | None = None
+    trigram_score: str = "logit"  # the pruned search bounds logits
+    prune: bool = True
+    batch: int = 4096  # trigram contexts evaluated at once
+    groups: int | None = None  # balls of the pruned search (None: √V)
+
+    def score_of(self, n: int) -> str:
+        return self.score if n == 2 else self.trigram_score
+
+    def selection(self, n: int) -> str:
+        """How a trigram run's contexts were restricted (part of what identifies the run)."""
+        if n == 2 or (self.first is None and self.second is None):
+            return ""
+        return json.dumps({"first": None if self.first is None else list(self.first),
+                           "second": None if self.second is None else list(self.second)})
+
+
+@dataclass
+class Task:
+    """One path's table: its chunks, and at rank 0 its checkpoint (`done()`, `is_done(chunk)`,
+    `load()`, `save(chunk, cand_rows, ctx_rows)`: a `jetfx.ngram_db.Run`, or memory) and what to
+    do with the complete table (`finish`, e.g. store it as the run's result)."""
+
+    path: N.NgramPath
+    chunks: list
+    store: object | None = None
+    kernel: object | None = None  # built when this rank first computes a chunk of the path
+    finish: object | None = None
+    run_id: int | None = None
+    reused: bool = False  # a finished run: nothing to compute
+    table: N.NgramTable | None = None  # rank 0, once the job has run
+
+    @property
+    def n(self) -> int:
+        return self.path.n
+
+    def contexts(self, chunk: int) -> int:
+        c = self.chunks[chunk]
+        return c.numel() if self.n == 2 else c[0].numel() * c[1].numel()
+
+
+@dataclass
+class JobStats:
+    """What a job did: chunks computed now (all ranks), found saved before, saved meanwhile by
+    another process; contexts covered and evaluated exactly (trigram pruning); seconds."""
+
+    computed: int = 0
+    saved_before: int = 0
+    saved_elsewhere: int = 0
+    contexts: int = 0
+    evaluated: int = 0
+    seconds: float = 0.0
+    group: str = ""
+    chunk_seconds: list = field(default_factory=list)  # rank 0's own chunks: (path, seconds)
+
+
+class MemoryStore:
+    """A checkpoint in memory (a table computed without a database)."""
+
+    def __init__(self):
+        self.saved = {}
+
+    def done(self) -> set[int]:
+        return set(self.saved)
+
+    def is_done(self, chunk: int) -> bool:
+        return chunk in self.saved
+
+    def load(self):
+        cand = [r for c in sorted(self.saved) for r in self.saved[c][0]]
+        ctx = sorted((r for c in self.saved for r in self.saved[c][1]), key=lambda r: (r[0], r[1]))
+        return cand, ctx
+
+    def save(self, chunk: int, cand_rows, ctx_rows) -> bool:
+        if chunk in self.saved:
+            return False
+        self.saved[chunk] = (cand_rows, ctx_rows)
+        return True
+
+
+def chunks_of(gm, path: N.NgramPath, settings: Settings) -> list:
+    """The chunks of a path's table (the units that are saved, resumed and shared out)."""
+    from .tracing import info_of
+
+    info = info_of(gm)
+    sources = info.embedding_size or info.vocab_size
+    if path.n == 2:
+        return N.bigram_chunks(torch.arange(sources), settings.chunk_size)
+    a = torch.arange(sources) if settings.first is None else N._as_ids(settings.first, sources, "first")
+    b = torch.arange(sources) if settings.second is None else N._as_ids(settings.second, sources, "second")
+    return N.trigram_chunks(a, b, settings.chunk_size)
+
+
+def _kernel(gm, task: Task, settings: Settings, balls: dict):
+    if task.n == 2:
+        return N.BigramKernel(gm, task.path, top_k=settings.top_k, per_context=settings.per_context,
+                              score=settings.score, drop_self=settings.drop_self)
+    kernel = N.TrigramKernel(gm, task.path, top_k=settings.top_k, score=settings.trigram_score,
+                             prune=settings.prune, batch=settings.batch, groups=settings.groups,
+                             balls=balls.get("balls"))
+    if settings.prune:  # the balls of U are the same for every head: made once
+        balls["balls"] = (kernel.centers, kernel.radii)
+    return kernel
+
+
+def _rows(ids: torch.Tensor, scores: torch.Tensor) -> list[tuple]:
+    return [tuple(i) + tuple(s) for i, s in zip(ids.tolist(), scores.tolist())]
+
+
+def _pack(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    out = torch.full((ids.shape[0], WIDTH), -1.0, dtype=torch.float64, device=ids.device)
+    out[:, :ids.shape[1]] = ids.double()
+    out[:, 3:] = scores.double()
+    return out
+
+
+def _ranked(rows, n: int, score: str, top_k: int, device) -> N.RunningTopK:
+    """The top-K of saved candidate rows (t1, …, tn, logit, logprob)."""
+    running = N.RunningTopK(top_k, n, device)
+    if rows:
+        ids = torch.tensor([r[:n] for r in rows], dtype=torch.long, device=device)
+        extra = torch.tensor([r[n:n + 2] for r in rows], dtype=torch.float64, device=device)
+        running.add(extra[:, 0 if score == "logit" else 1], ids, extra)
+    return running
+
+
+def _top_rows(running: N.RunningTopK | None) -> list[tuple]:
+    if running is None:
+        return []
+    return [(i + 1, *row, lg, lp) for i, (row, (lg, lp)) in enumerate(zip(running.rows.tolist(), running.extra.tolist()))]
+
+
+def _finish(task: Task, settings: Settings, device) -> None:
+    """Rank 0: the final table of a path whose chunks are all saved, ranked from every saved chunk."""
+    cand, ctx = task.store.load()
+    score = settings.score_of(task.n)
+    table = N.NgramTable(task.path.name, task.n, score, per_context=ctx, complete=True,
+                         chunks_done=len(task.chunks), num_chunks=len(task.chunks))
+    if settings.top_k:
+        table.top = _top_rows(_ranked(cand, task.n, score, settings.top_k, device))
+    if task.finish is not None:
+        task.finish(table)
+    task.table = table
+
+
+def _plan(tasks: list[Task], stats: JobStats, settings: Settings, device):
+    """Rank 0: the (task, chunk) pairs left to compute and the saved candidates (task, t…, scores);
+    paths whose chunks were all saved before are finished here."""
+    todo, seed = [], []
+    for ti, task in enumerate(tasks):
+        if task.reused:
+            continue
+        done = task.store.done()
+        stats.saved_before += len(done)
+        left = [(ti, c) for c in range(len(task.chunks)) if c not in done]
+        if not left:
+            _finish(task, settings, device)
+            continue
+        todo += left
+        if done and settings.top_k:
+            cand, _ = task.store.load()
+            for r in cand:
+                ids = list(r[:task.n]) + [-1] * (3 - task.n)
+                seed.append([ti, *ids, *r[task.n:task.n + 2]])
+    return (torch.tensor(todo, dtype=torch.long).view(-1, 2),
+            torch.tensor(seed, dtype=torch.float64).view(-1, 1 + WIDTH))
+
+
+def run_tasks(gm, tasks: list[Task], settings: Settings, group: Group | None = None, *, progress: bool = True,
+              max_chunks: int | None = None, stats: JobStats | None = None) -> JobStats:
+    """Compute the tasks' unsaved chunks over the ranks of `group` (see the module's docstring);
+    at rank 0 each complete task gets its `table` (and `finish` is called), an incomplete one a
+    table marked incomplete. Every rank must call this with the same tasks and settings. A
+    KeyboardInterrupt or a lost rank (`PeerLost`) leaves every saved chunk saved."""
+    from .functions import device_of
+
+    device = device_of(gm)
+    group = group or Group(device)
+    group.use_device(device)
+    stats = stats if stats is not None else JobStats()
+    stats.group = group.describe()
+    if group.main:
+        for task in tasks:
+            if task.store is None and not task.reused:
+                task.store = MemoryStore()
+    error, todo, seed = None, torch.empty(0, 2, dtype=torch.long), torch.empty(0, 1 + WIDTH, dtype=torch.float64)
+    if group.main:
+        try:
+            todo, seed = _plan(tasks, stats, settings, device)
+        except (JetfxError, OSError) as e:
+            error = e
+    group.agree(error)
+    todo = group.broadcast(todo).cpu()
+    seed = group.broadcast(seed).to(device)
+    saved_contexts = sum(t.contexts(c) for t in tasks if not t.reused for c in range(len(t.chunks)))
+    saved_contexts -= sum(tasks[t].contexts(c) for t, c in todo.tolist())
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    todo = todo.tolist()
+    running = {}
+    if settings.top_k:
+        for ti in sorted({t for t, _ in todo}):
+            running[ti] = N.RunningTopK(settings.top_k, tasks[ti].n, device)
+            mine = seed[seed[:, 0] == ti]
+            if mine.numel():
+                n = tasks[ti].n
+                running[ti].add(mine[:, 4 if settings.score_of(n) == "logit" else 5], mine[:, 1:1 + n].long(), mine[:, 4:])
+    left = {}
+    for ti, _ in todo:
+        left[ti] = left.get(ti, 0) + 1
+    bar = None
+    if group.main and progress:
+        bar = N._progress(saved_contexts + sum(tasks[t].contexts(c) for t, c in todo), True, "n-grams",
+                          initial=saved_contexts, unit="ctx")
+    balls = {}
+    W = group.world
+    t0 = time.perf_counter()
+    try:
+        for r in range(math.ceil(len(todo) / W)):
+            i = r * W + group.rank
+            header = torch.tensor([-1, -1, 0, 0, 0, 0, 0], dtype=torch.long)
+            cand = torch.empty(0, WIDTH, dtype=torch.float64, device=device)
+            ctx = torch.empty(0, WIDTH, dtype=torch.float64, device=device)
+            if i < len(todo):
+                ti, ci = todo[i]
+                task = tasks[ti]
+                header[:2] = torch.tensor([ti, ci])
+                header[4] = task.contexts(ci)
+                if not (group.main and task.store.is_done(ci)):  # saved meanwhile by another process
+                    if task.kernel is None:
+                        for other in tasks:  # one kernel at a time (its buffers are V wide)
+                            if other is not task:
+                                other.kernel = None
+                        task.kernel = _kernel(gm, task, settings, balls)
+                    tc = time.perf_counter()
+                    rows = task.kernel(task.chunks[ci], running.get(ti))
+                    if group.main:
+                        stats.chunk_seconds.append((task.path.name, time.perf_counter() - tc))
+                    cand, ctx = _pack(rows.ids, rows.scores), _pack(rows.ctx_ids, rows.ctx_scores)
+                    header[2:] = torch.tensor([cand.shape[0], ctx.shape[0], rows.contexts, rows.evaluated, 1])
+            headers = group.all_gather(header[None].to(group.device), sizes=[1] * W)
+            headers = torch.cat(headers).cpu().tolist()
+            cands = group.all_gather(cand, sizes=[h[2] for h in headers])
+            ctxs = group.gather(ctx, sizes=[h[3] for h in headers])
+            for rank, (ti, ci, _, _, contexts, evaluated, computed) in enumerate(headers):
+                if ti < 0:
+                    continue
+                c = cands[rank].to(device)
+                n = tasks[ti].n
+                if c.shape[0] and ti in running:
+                    running[ti].add(c[:, 3 if settings.score_of(n) == "logit" else 4], c[:, :n].long(), c[:, 3:])
+                stats.computed += computed
+                stats.saved_elsewhere += 1 - computed
+                stats.contexts += contexts
+                stats.evaluated += evaluated
+                left[ti] -= 1
+                if not group.main:
+                    continue
+                task = tasks[ti]
+                if computed:
+                    ids = c[:, :n].long()
+                    x = ctxs[rank]
+                    task.store.save(ci, _rows(ids, c[:, 3:]), _rows(x[:, :3].long(), x[:, 3:]))
+                if bar is not None:
+                    bar.update(contexts)
+                    bar.set_postfix_str(task.path.name, refresh=False)
+                if left[ti] == 0 and len(task.store.done()) == len(task.chunks):
+                    _finish(task, settings, device)
+    finally:
+        stats.seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+    if group.main:
+        for ti, task in enumerate(tasks):
+            if task.table is None and not task.reused:  # stopped early (max_chunks): what is known so far
+                cand, ctx = task.store.load()
+                task.table = N.NgramTable(task.path.name, task.n, settings.score_of(task.n), per_context=ctx,
+                                          complete=False, chunks_done=len(task.store.done()),
+                                          num_chunks=len(task.chunks))
+                if settings.top_k:
+                    task.table.top = _top_rows(_ranked(cand, task.n, settings.score_of(task.n), settings.top_k, device))
+    return stats
+
+
+def extract_paths(db, gm, paths, *, name: str | None = None, settings: Settings = Settings(), group: Group | None = None,
+                  recompute: bool = False, progress: bool = True, max_chunks: int | None = None,
+                  stats: JobStats | None = None) -> list[Task]:
+    """Compute, resume or reuse the tables of `paths` (bigram and trigram paths) in `db`, over the
+    ranks of `group`; every rank calls this, only rank 0 passes `db` (the others None).
+
+    Rank 0 gets each task's `run_id` and `table` (`table.reused`: a finished run with these
+    settings, not recomputed unless `recompute`; `table.complete` False after `max_chunks`
+    chunks). Ctrl-C, SIGTERM or a lost rank raise `RunInterrupted` at rank 0 once every finished
+    chunk is committed (re-running resumes); the other ranks see KeyboardInterrupt or `PeerLost`.
+    """
+    from .functions import device_of
+    from .ngram_db import RunInterrupted
+
+    group = group or Group(device_of(gm))
+    parsed = [N.parse_path(gm, p) if isinstance(p, str) else p for p in paths]
+    if group.main and db is None:
+        raise InputError("rank 0 writes the tables: give it the database")
+    tasks = [Task(p, chunks_of(gm, p, settings)) for p in parsed]
+    error = None
+    if group.main:
+        try:
+            model_id = db.add_model(gm, name)
+            for task in tasks:
+                n = task.n
+                run = db.start_run(model_id, task.path.name, n=n, score=settings.score_of(n), top_k=settings.top_k,
+                                   per_context=settings.per_context if n == 2 else 0,
+                                   drop_self=settings.drop_self if n == 2 else False, chunk_size=settings.chunk_size,
+                                   num_chunks=len(task.chunks), selection=settings.selection(n), recompute=recompute)
+                task.run_id = run.id
+                if run.finished:
+                    task.reused, task.table = True, db.table(run.id)
+                    task.table.reused = True
+                else:
+                    task.store = run
+                    task.finish = lambda table, run=run: db.finish_run(run, table)
+        except (JetfxError, OSError) as e:
+            error = e
+    group.agree(error)
+    stats = stats if stats is not None else JobStats()
+    try:
+        run_tasks(gm, tasks, settings, group, progress=progress, max_chunks=max_chunks, stats=stats)
+    except (KeyboardInterrupt, PeerLost) as e:
+        if not group.main:
+            raise
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"a rank stopped ({e})"
+        earlier = 0
+        for task in tasks:
+            done = len(task.store.done()) if task.store is not None else len(task.chunks)
+            if task.reused or db.run(task.run_id).status == "done":
+                earlier += 1
+                continue
+            raise RunInterrupted(task.run_id, task.path.name, done, len(task.chunks), db.path, reason=reason,
+                                 earlier=earlier) from None
+        raise RunInterrupted(tasks[-1].run_id, tasks[-1].path.name, len(tasks[-1].chunks), len(tasks[-1].chunks),
+                             db.path, reason=reason, earlier=len(tasks) - 1) from None
+    return tasks
