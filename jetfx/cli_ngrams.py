@@ -8,6 +8,7 @@ chunks out over the ranks; rank 0 writes the database and prints (docs/ngrams.md
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -68,10 +69,12 @@ def add_parsers(subparsers) -> None:
 
 def head_list(text: str) -> list[int] | None:
     """'all' → None (every head); '0,3' → [0, 3]."""
-    return None if text.strip().lower() == "all" else token_ids(text)
-
-
-head_list.__name__ = "'all' or comma-separated head indices"
+    if text.strip().lower() == "all":
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated head indices such as 0,3, got {text!r}")
+    return list(dict.fromkeys(int(p) for p in parts))
 
 
 def _trace(args):

@@ -116,6 +116,11 @@ class Run:
                                       "scope='context' ORDER BY t1, rank", (self.id,)).fetchall()
         return cand, ctx
 
+    def candidates(self) -> list[tuple]:
+        """The candidate rows of `load()` alone (what a resumed run starts its running top-K from)."""
+        return self.db.con.execute(f"SELECT {self._ids}, logit, logprob FROM ngrams WHERE run=? AND "
+                                   "scope IN ('cand', 'top')", (self.id,)).fetchall()
+
     def save(self, chunk: int, cand_rows, ctx_rows) -> bool:
         """Commit one chunk's rows with its entry in `chunks`; False if it was saved already."""
         with self.db._write() as con:

@@ -111,10 +111,12 @@ class MemoryStore:
     def is_done(self, chunk: int) -> bool:
         return chunk in self.saved
 
+    def candidates(self) -> list[tuple]:
+        return [r for c in sorted(self.saved) for r in self.saved[c][0]]
+
     def load(self):
-        cand = [r for c in sorted(self.saved) for r in self.saved[c][0]]
         ctx = sorted((r for c in self.saved for r in self.saved[c][1]), key=lambda r: (r[0], r[1]))
-        return cand, ctx
+        return self.candidates(), ctx
 
     def save(self, chunk: int, cand_rows, ctx_rows) -> bool:
         if chunk in self.saved:
@@ -203,7 +205,8 @@ def _plan(tasks: list[Task], stats: JobStats, settings: Settings, device):
             continue
         todo += left
         if done and settings.top_k:
-            cand, _ = task.store.load()
+            store = task.store
+            cand = store.candidates() if hasattr(store, "candidates") else store.load()[0]
             for r in cand:
                 ids = list(r[:task.n]) + [-1] * (3 - task.n)
                 seed.append([ti, *ids, *r[task.n:task.n + 2]])
