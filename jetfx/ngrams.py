@@ -415,11 +415,6 @@ class BigramKernel:
         return ChunkRows(pairs, extra, ctx_ids, ctx_scores, contexts=len(chunk), evaluated=len(chunk))
 
 
-def bigram_chunks(sources: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
-    """Source tokens in chunks of `chunk_size` (the units a run saves, resumes and shares out)."""
-    return [sources[i:i + chunk_size] for i in range(0, sources.numel(), chunk_size)]
-
-
 def _check_table_args(score: str, top_k, per_context, chunk_size) -> None:
     if score not in SCORES:
         raise InputError(f"score must be one of {SCORES}, got {score!r}")
@@ -449,7 +444,7 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
     ev = kernel.ev
     src = torch.arange(ev.sources) if sources is None else _as_ids(sources, ev.sources, "sources")
     settings = Settings(top_k=top_k, per_context=per_context, score=score, drop_self=drop_self, chunk_size=chunk_size)
-    task = Task(ev.path, bigram_chunks(src, chunk_size), store=checkpoint, kernel=kernel)
+    task = Task.of(ev.path, src, chunk_size, store=checkpoint, kernel=kernel)
     run_tasks(gm, [task], settings, progress=progress, max_chunks=max_chunks)
     return task.table
 
@@ -556,13 +551,6 @@ class TrigramKernel:
                          contexts=ctx.shape[0], evaluated=evaluated)
 
 
-def trigram_chunks(first: torch.Tensor, second: torch.Tensor, chunk_size: int) -> list[tuple]:
-    """Blocks of contexts first × second: whole rows of `first` tokens, about `chunk_size`
-    contexts a block (at least one row)."""
-    rows = max(1, chunk_size // max(1, second.numel()))
-    return [(first[i:i + rows], second) for i in range(0, first.numel(), rows)]
-
-
 def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top_k: int = 100,
                   score: str = "logit", prune: bool = True, batch: int = 4096, groups: int | None = None,
                   num_heads: int | None = None, progress: bool = False, chunk_size: int | None = None,
@@ -588,7 +576,7 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
     a = torch.arange(ev.sources) if first is None else _as_ids(first, ev.sources, "first")
     b = torch.arange(ev.sources) if second is None else _as_ids(second, ev.sources, "second")
     settings = Settings(top_k=top_k, trigram_score=score, chunk_size=chunk_size, prune=prune, batch=batch)
-    task = Task(ev.path, trigram_chunks(a, b, chunk_size), store=checkpoint, kernel=kernel)
+    task = Task.of(ev.path, a, chunk_size, b, store=checkpoint, kernel=kernel)
     stats = run_tasks(gm, [task], settings, progress=progress, max_chunks=max_chunks)
     task.table.stats = {"contexts": stats.contexts, "evaluated": stats.evaluated}
     return task.table

@@ -215,3 +215,23 @@ def test_two_gpu_ranks_write_what_one_gpu_writes(folder, tmp_path):
     assert "(nccl)" in err
     finished(two)
     assert_same(tables(two), tables(one))
+
+
+def test_work_list_from_saved_ranges():
+    """The job's work list, derived on every rank from the ranges rank 0 found saved: the chunks left,
+    in path order, with their contexts; a limit (--max-chunks) cuts its tail."""
+    from jetfx.ngram_job import Task, WorkList, _ranges
+    from jetfx.ngrams import NgramPath
+
+    bigram = Task.of(NgramPath("embed", 2), torch.arange(10), 3)  # chunks of 3, 3, 3, 1 sources
+    trigram = Task.of(NgramPath("b:h0", 3, "b", 0), torch.arange(5), 4, torch.arange(2))  # rows of 2 × 2
+    assert (bigram.num_chunks, trigram.num_chunks) == (4, 3)
+    assert trigram.chunk(2)[0].tolist() == [4] and trigram.contexts(0, 3) == 10 and bigram.contexts(3) == 1
+    assert _ranges({5, 0, 1, 2, 6}) == [(0, 3), (5, 7)]
+    tasks = [bigram, trigram]
+    work = WorkList(tasks, torch.tensor([[0, 1, 3], [1, 1, 2]]))
+    assert [work[g] for g in range(work.total)] == [(0, 0), (0, 3), (1, 0), (1, 2)]
+    assert work.counts == [2, 2] and work.contexts(tasks) == 3 + 1 + 4 + 2
+    limited = WorkList(tasks, torch.tensor([[0, 1, 3], [1, 1, 2]]), 3)
+    assert limited.total == 3 and limited.counts == [2, 1] and limited.contexts(tasks) == 3 + 1 + 4
+    assert WorkList(tasks, torch.tensor([[0, 0, 4], [1, 0, 3]])).total == 0
