@@ -140,6 +140,9 @@ def run_ngrams(args) -> int:
         return _run_ngrams(args, group)
     except BaseException as e:
         if group.main:
+            if isinstance(e, D.PeerLost):  # a rank stopped before the work was shared out
+                print(f"jetfx: a rank stopped before the job began ({e}); nothing was computed", file=sys.stderr)
+                return 130
             raise
         # the other ranks stay quiet about what rank 0 reports (interruptions, lost ranks, errors every
         # rank saw); an error of their own they report, with their rank

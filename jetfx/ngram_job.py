@@ -435,12 +435,16 @@ def extract_paths(db, gm, paths, *, name: str | None = None, settings: Settings 
     from .ngram_db import RunInterrupted
 
     group = group or Group(device_of(gm))
-    parsed = [N.parse_path(gm, p) if isinstance(p, str) else p for p in paths]
-    if group.main and db is None:
-        raise InputError("rank 0 writes the tables: give it the database")
-    if settings.top_k < 1 and any(p.n == 3 for p in parsed):
-        raise InputError("trigram tables are top-K tables: give top_k ≥ 1 (--top-k)")
-    tasks = [chunks_of(gm, p, settings) for p in parsed]
+
+    def prepare():
+        parsed = [N.parse_path(gm, p) if isinstance(p, str) else p for p in paths]
+        if group.main and db is None:
+            raise InputError("rank 0 writes the tables: give it the database")
+        if settings.top_k < 1 and any(p.n == 3 for p in parsed):
+            raise InputError("trigram tables are top-K tables: give top_k ≥ 1 (--top-k)")
+        return [chunks_of(gm, p, settings) for p in parsed]
+
+    tasks = group.checked(prepare)  # every rank, or none, goes on
     error = None
     if group.main:
         try:

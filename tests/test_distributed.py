@@ -235,3 +235,14 @@ def test_work_list_from_saved_ranges():
     limited = WorkList(tasks, torch.tensor([[0, 1, 3], [1, 1, 2]]), 3)
     assert limited.total == 3 and limited.counts == [2, 1] and limited.contexts(tasks) == 3 + 1 + 4
     assert WorkList(tasks, torch.tensor([[0, 0, 4], [1, 0, 3]])).total == 0
+
+
+def test_a_refused_database_stops_every_rank_with_one_message(folder, tmp_path):
+    """Only rank 0 checks the database; its refusal ends every rank (none waits for it), said once."""
+    db = tmp_path / "missing" / "x.sqlite"
+    proc = torchrun(*ngrams_args(folder, db))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("jetfx: error:")]
+    assert len(lines) == 1 and "missing does not exist; create it first" in lines[0], err[-3000:]
+    assert not re.search(r'File ".*jetfx/', err) and not (tmp_path / "missing").exists()
