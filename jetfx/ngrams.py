@@ -215,6 +215,14 @@ def _as_ids(tokens, sources: int, name: str) -> torch.Tensor:
     return t
 
 
+def _scratch_rows(device: torch.device, width: int) -> int:
+    """Rows of the log-sum-exp scratch buffer: 64 on a CPU (they stay in cache); on a GPU as many as
+    fit in 256 MB of float32, so that a chunk takes a few large kernels, not hundreds of small ones."""
+    if torch.device(device).type == "cpu":
+        return 64
+    return max(64, (1 << 26) // max(1, width))
+
+
 # ---------------------------------------------------------------------------------------------
 # bigram tables
 
@@ -343,7 +351,7 @@ class BigramKernel:
             raise InputError(f"{ev.path.name} is a trigram path: use trigram_table")
         self.top_k, self.per_context, self.score, self.drop_self = top_k, per_context, score, drop_self
         self.buf = None
-        self.scratch = torch.empty(64, ev.vocab, device=ev.device)
+        self.scratch = torch.empty(_scratch_rows(ev.device, ev.vocab), ev.vocab, device=ev.device)
 
     @torch.no_grad()
     def __call__(self, chunk: torch.Tensor, running: RunningTopK | None) -> ChunkRows:
