@@ -611,6 +611,7 @@ def _score_contexts(ev, hid, ctx, running, score):
     return rows, extra
 
 
+@torch.no_grad()
 def _balls(W: torch.Tensor, groups: int | None, iters: int = 8):
     """k-means balls over the rows of W: centers (G, d) and radii (G,) with every row inside one."""
     V = W.shape[0]
