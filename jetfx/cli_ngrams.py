@@ -18,7 +18,9 @@ from .ngram_db import TIMEOUT
 
 
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("ngrams", help="data-free jet bigram / trigram tables into an SQLite db")
+    p = subparsers.add_parser("ngrams", help="data-free jet bigram / trigram tables into an SQLite db",
+                              epilog="Over several processes or machines: torchrun --nproc-per-node N -m jetfx ngrams "
+                                     "… (rank 0 writes the db; --device cuda: one GPU a rank). See the README.")
     add_model_args(p, device_default=None)
     p.add_argument("--path", action="append", default=None,
                    help="'embed', a block ('layers.3.mlp'), 'mlps' (all MLP paths), '<attn block>:h<head>' (trigram), "
@@ -30,7 +32,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--db", default="ngrams.sqlite", help="SQLite file (created if missing; its folder must exist)")
     p.add_argument("--top-k", type=non_negative_int, default=1000, help="global top-K n-grams to keep (default 1000)")
     p.add_argument("--per-context", type=non_negative_int, default=0, help="also keep the top N per source token")
-    p.add_argument("--score", choices=("logprob", "logit"), default="logprob")
+    p.add_argument("--score", choices=("logprob", "logit"), default="logprob",
+                   help="ranking of bigram paths (trigram paths are ranked by logit: the pruned search)")
     p.add_argument("--drop-self", action="store_true", help="leave self-transitions v→v out of the rankings")
     p.add_argument("--chunk-size", type=positive_int, default=2048,
                    help="source tokens a chunk (bigrams), or about this many contexts a chunk, whole rows of "
