@@ -70,8 +70,10 @@ def decompose_resid(gm: fx.GraphModule, inputs, *, jets: str = "auto") -> ResidD
     module = compile_terms(gm, terms, Remainder(Stream(len(structure.steps)), terms), jets=jets)
     info = info_of(gm)
     if info.input_kind == "tokens":
+        from .functions import device_of
+
         inputs = as_tokens(inputs, info.tokenizer, vocab_size=info.embedding_size or info.vocab_size,
-                           max_length=info.max_length)
+                           max_length=info.max_length).to(device_of(gm))
     with torch.no_grad():
         stacked, remainder = module(inputs)
     labels = (ENCODER,) + tuple(b.name for b in structure.blocks)

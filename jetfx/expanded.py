@@ -62,7 +62,9 @@ class ExpansionOutput:
         path terms are far larger than the logits (high-order jets outside their radius of convergence)
         or not finite. Tolerance: √eps of the dtype (3.5e-4 in float32, 1.5e-8 in float64).
         """
-        rel = self.relative_error()
+        if self.logits.device.type == "meta":  # no values (device bookkeeping runs on meta)
+            return float("nan")
+        rel = self.relative_error()  # one device → host transfer per call (`ex.check_exactness = False`: none)
         tol = exactness_tolerance(self.logits.dtype)
         if not rel <= tol:  # also catches nan
             with torch.no_grad():
@@ -237,8 +239,9 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
 
     `ex(tokens)` returns an `ExpansionOutput`; `ex.forward(tokens)` (what hooks and exporters see)
     returns the plain tuple (stacked path logits, remainder, logits). `ex.hooks[path]` is the hook
-    point of one path's logits (`intervene`, `ablate`, `patch` use them). It moves with `.to()`,
-    prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
+    point of one path's logits (`intervene`, `ablate`, `patch` use them). It moves with `.to()` —
+    every constant it holds, and the traced module it reads (`ex.source`, whose weights it shares) —,
+    runs under `torch.compile` with `ex.compile()`, prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
     `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic plan), `ex.k`.
     """
 
@@ -248,17 +251,47 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
     def __call__(self, tokens, *args, **kwargs):
         from .tracing import as_tokens, check_padding
 
-        if not isinstance(tokens, torch.Tensor):
-            tokens = as_tokens(tokens, getattr(self, "tokenizer", None))
+        if not isinstance(tokens, torch.Tensor):  # text or ids made here: put them where the module is
+            from .functions import device_of
+
+            tokens = as_tokens(tokens, getattr(self, "tokenizer", None)).to(device_of(self))
         elif getattr(self, "tokenizer", None) is not None and tokens.device.type != "meta":
             check_padding(tokens, self.tokenizer)
-        raw = super().__call__(tokens, *args, **kwargs)
+        compiled = self.__dict__.get("_jetfx_compiled")
+        if compiled is not None and not args and not kwargs and not _hooked(self):
+            raw = compiled(self, tokens)
+        else:  # eager: also whenever a hook point is hooked (compiled code would not see new hooks)
+            raw = super().__call__(tokens, *args, **kwargs)
         if not isinstance(raw, tuple) or len(raw) != 3:
             raise InputError("the expanded module returned an unexpected value (was its graph edited?)")
         out = ExpansionOutput(self.path_names, *raw)
         if getattr(self, "check_exactness", True) and out.logits.device.type != "meta":
             out.check()  # one scalar read per call; set `check_exactness = False` to skip it
         return out
+
+    def compile(self, enabled: bool = True, **options) -> "ExpandedModule":
+        """Run this module under `torch.compile` from the next call on; returns the module itself.
+
+        `options` go to `torch.compile` (`mode="max-autotune"`, `dynamic=True`, `backend=…`); the
+        first call of each new shape (or device) compiles, later ones run the compiled code. The
+        module stays an ordinary GraphModule: `forward`, `.to()`, `export` and the hook points are
+        unchanged, and while any hook point is hooked (`intervene`, `ablate`, `patch`, nnsight) calls
+        run eagerly, so that interventions are never silently skipped. Token ids are checked before
+        the compiled code runs. `ex.compile(False)` goes back to eager execution.
+
+        (Unlike `torch.nn.Module.compile`, which this replaces, it returns the module: chain it,
+        `ex = jetfx.expand(gm, 1, paths=…).compile()`.)
+        """
+        if not enabled:
+            self.__dict__.pop("_jetfx_compiled", None)
+            return self
+        self.__dict__["_jetfx_compiled"] = _CompiledForward(self, options)
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls run under torch.compile (see `compile`)."""
+        return "_jetfx_compiled" in self.__dict__
 
     def symbolic(self, **kw):
         """The expansion as a sympy expression (see jetfx.symbolic.symbolic_view)."""
@@ -276,6 +309,36 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(svg)
         return svg
+
+
+class _CompiledForward:
+    """`torch.compile` of an expanded module's forward, with the token check run eagerly first (its
+    value-dependent test of the ids would break the compiled graph; `check_tokens` is skipped
+    while compiling)."""
+
+    def __init__(self, module: fx.GraphModule, options: dict):
+        from .tracing import check_tokens
+
+        self.options = dict(options)
+        checks = [n for n in module.graph.nodes if n.op == "call_function" and n.target is check_tokens]
+        self.limits = tuple(checks[0].args[1:]) if checks else None
+        self.forward = torch.compile(module.forward, **self.options)
+
+    def __call__(self, module, tokens):
+        if self.limits is not None:
+            from .tracing import check_tokens
+
+            check_tokens(tokens, *self.limits)
+        return self.forward(tokens)
+
+
+def _hooked(module: "ExpandedModule") -> bool:
+    """Whether a forward hook is set on the module or one of its hook points (then it runs eagerly)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in (module, *module.hooks.values()))
 
 
 def _value_of(out: ExpansionOutput, name: str) -> torch.Tensor:

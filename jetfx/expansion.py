@@ -54,8 +54,11 @@ class JetExpansion:
         from .passes.materialize import compile_terms
         from .tracing import as_tokens
 
+        from .functions import device_of
+
         module = compile_terms(self.gm, self.terms, self.remainder, jets=jets)
-        tokens = tokens if isinstance(tokens, torch.Tensor) else as_tokens(tokens, info_of(self.gm).tokenizer)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = as_tokens(tokens, info_of(self.gm).tokenizer).to(device_of(self.gm))
         return module(tokens)
 
     def __iter__(self):  # (ξ, δ) unpacking, as in the paper

@@ -280,11 +280,15 @@ class LoadedExpansion(PathInterventions, torch.nn.Module):
         if not isinstance(tokens, torch.Tensor):
             from .tracing import as_tokens
 
-            tokens = as_tokens(tokens)
+            tokens = as_tokens(tokens).to(device_of(self.module))
         if tokens.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8) or tokens.dim() != 2:
             raise InputError("a reloaded expansion takes token ids: an integer tensor of shape (batch, seq), "
                              f"got {tokens.dtype} of shape {tuple(tokens.shape)}")
-        if self.vocab_size is not None and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+        if self.vocab_size is not None and tokens.numel() and tokens.device.type != "meta":
+            lo, hi = torch.stack([tokens.min(), tokens.max()]).tolist()  # one transfer
+        else:
+            lo, hi = 0, 0
+        if self.vocab_size is not None and (lo < 0 or hi >= self.vocab_size):
             raise InputError(f"token ids must lie in [0, {self.vocab_size}) for this model")
         return tokens.long()
 

@@ -224,19 +224,22 @@ class _Readout:
         split = split_decoder(gm)
         if split is None:
             raise ExpansionError("the interaction view needs a decoder that ends in a linear unembedding U")
-        norm = split.norm
+        from .functions import compute_region, gram, jet_dtype
+
+        dtype = jet_dtype(gm)
+        norm = compute_region(split.norm, dtype)
         side = tuple(capture(gm, ids, norm.side_inputs).values()) if norm.side_inputs else ()
-        h = h_last.detach()
+        h = h_last.detach().to(dtype)
 
         def at_position(z):
             full = torch.cat([h[:, :position], z.view(1, 1, -1), h[:, position + 1:]], dim=1)
             return norm.module(full, *side)[0, position]
 
-        jac = torch.func.jacfwd(at_position)(h[0, position])  # (d, d)
-        U = split.unembedding.to(jac.dtype)
-        gram = U.T @ U
-        self.metric = jac.T @ gram @ jac
-        self.row = jac.T @ U[top]
+        with torch.no_grad():
+            jac = torch.func.jacfwd(at_position)(h[0, position])  # (d, d)
+            U = split.unembedding
+            self.metric = jac.T @ gram(U, jac.dtype) @ jac  # blocked UᵀU: no copy of U in the jet dtype
+            self.row = jac.T @ U[top].to(jac.dtype)
 
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         quad = torch.einsum("nd,de,ne->n", t, self.metric, t).clamp_min(0)
@@ -271,15 +274,18 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
     receiving = _select_blocks(structure, blocks)
     parts = [P.ENCODER] + [b.name for b in structure.blocks]
     part_nodes = [structure.stream[0]] + [b.output for b in structure.blocks]
-    regions = {b.name: block_region(gm, b) for b in receiving}
+    from .functions import compute_region, jet_dtype
+
+    dtype = jet_dtype(gm)  # float32 for a half-precision model: cross terms are small
+    regions = {b.name: compute_region(block_region(gm, b), dtype) for b in receiving}
     side_names = sorted({s for r in regions.values() for s in r.side_inputs})
     names = [*part_nodes, structure.decoder.input, logits_node(gm), *side_names]
     with torch.no_grad():
         vals = capture(gm, ids, names)
     logits = vals[logits_node(gm)][0, position]
-    top = int(logits.argmax())
+    top = int(logits.argmax())  # a host sync, once
     readout = _Readout(gm, ids, vals[structure.decoder.input], position, top)
-    token_text = [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t)) for t in ids[0]]
+    token_text = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in ids[0].tolist()]
     top_text = tokenizer.decode([top]) if tokenizer is not None else str(top)
     result = InteractionMap(token_text, position, top_text, parts, [], [], complete=False, num_blocks=len(receiving))
     saved = {}
@@ -305,7 +311,7 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
             region = regions[block.name]
             side = [vals[s] for s in region.side_inputs]
             jvp = directional_graph(region.module, 1)
-            X = torch.stack([value_of[c][0] for c in centers])  # (N, T, d)
+            X = torch.stack([value_of[c][0] for c in centers]).to(dtype)  # (N, T, d)
             w = 1.0 / len(centers)
             for i, center in enumerate(centers):
                 others = [j for j in range(len(centers)) if j != i]

@@ -479,7 +479,7 @@ def _progress(total: int, enabled: bool, desc: str, initial: int = 0, unit: str 
 
 @torch.no_grad()
 def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
-    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor."""
+    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor on the model's device."""
     ev = PathEvaluator(gm, path)
     t = torch.as_tensor(pairs, dtype=torch.long)
     if t.dim() != 2 or t.shape[1] != ev.path.n:
@@ -487,9 +487,11 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
     _as_ids(t[:, :-1], ev.sources, "contexts")
     _as_ids(t[:, -1], ev.vocab, "targets")
     ctx, inv = torch.unique(t[:, :-1], dim=0, return_inverse=True)
-    out = torch.empty(t.shape[0], 2, dtype=torch.float64)
+    # scored on the model's device; only the (P, 2) scores come back (not 1024 × V logits per block)
+    t, inv = t.to(ev.device), inv.to(ev.device)
+    out = torch.empty(t.shape[0], 2, dtype=torch.float64, device=ev.device)
     for i in range(0, ctx.shape[0], 1024):
-        z = ev.logits(ctx[i:i + 1024]).float().cpu()
+        z = ev.logits(ctx[i:i + 1024]).float()
         m, delta = _log_normalizer(z)
         sel = (inv >= i) & (inv < i + 1024)
         rows = inv[sel] - i
@@ -559,6 +561,7 @@ class TrigramKernel:
                          contexts=ctx.shape[0], evaluated=evaluated)
 
 
+@torch.no_grad()
 def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top_k: int = 100,
                   score: str = "logit", prune: bool = True, batch: int = 4096, groups: int | None = None,
                   num_heads: int | None = None, progress: bool = False, chunk_size: int | None = None,

@@ -46,6 +46,8 @@ class TraceInfo:
     token_input: str = "ids"
     input_kind: str = "tokens"  # "tokens" (integer ids) or "float" (any floating tensors)
     example_inputs: tuple = field(default=(), repr=False)  # ((shape, dtype), …) of float inputs
+    jet_dtype: torch.dtype | None = None  # precision of jets (None: float32 for half models, else `dtype`)
+    relative_error: float = 0.0  # max_abs_error / max(1, max |logits|): what the check compares
 
 
 def _logits(out):
@@ -222,7 +224,7 @@ def as_tokens(tokens, tokenizer=None, *, vocab_size: int | None = None, max_leng
     if tokenizer is not None and ids.device.type != "meta":
         check_padding(ids, tokenizer)
     if vocab_size is not None and ids.device.type != "meta":  # meta tensors have no values to check
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # one device → host transfer, not two
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); "
@@ -232,7 +234,11 @@ def as_tokens(tokens, tokenizer=None, *, vocab_size: int | None = None, max_leng
 
 @torch.fx.node.has_side_effect
 def check_tokens(ids, vocab_size, max_length):
-    """Graph-level guard: bad token tensors get a clear error, not an index error deep in torch."""
+    """Graph-level guard: bad token tensors get a clear error, not an index error deep in torch.
+    (Skipped inside torch.compile, whose graphs cannot read values: `ExpandedModule.compile` checks
+    the ids before running the compiled code.)"""
+    if torch.compiler.is_compiling():
+        return
     as_tokens(ids, vocab_size=vocab_size, max_length=max_length)
 
 
@@ -267,7 +273,7 @@ def _float_inputs(inputs) -> tuple[torch.Tensor, ...] | None:
 
 
 def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.dtype | None = None,
-          check: bool = True) -> fx.GraphModule:
+          jet_dtype: torch.dtype | None = None, check: bool = True) -> fx.GraphModule:
     """Export `model` (inputs → logits) into an ATen GraphModule with residual analysis.
 
     `model` is a Hugging Face causal LM (called with `use_cache=False`, logits taken), a
@@ -276,12 +282,21 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
     A module of float inputs (a ViT, a residual MLP) is traced from example `inputs`: a floating
     tensor or a tuple of tensors whose first one feeds the residual stream. `dtype` converts the
     traced graph (not the model) to another floating precision, casts included (float64 for analysis).
+    `jet_dtype` is the precision jets are computed in (default: float32 for a bfloat16/float16 model,
+    the model's dtype otherwise; see docs/devices.md); `gm.jetfx.jet_dtype` can be changed later.
+
+    The graph runs where the model's weights are (a model on a GPU is traced there) and moves with
+    `gm.to(...)`. The check that the graph reproduces the model allows the rounding of the model's
+    own dtype (`reproduction_tolerance`): a bfloat16 graph and model round differently.
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"jetfx.trace needs a torch.nn.Module, got {type(model).__name__}")
+    jet_dtype = _check_jet_dtype(jet_dtype)
     floats = _float_inputs(inputs)
     if floats is not None:
-        return _trace_float(model, floats, dtype=dtype, check=check)
+        gm = _trace_float(model, floats, dtype=dtype, check=check)
+        gm.jetfx.jet_dtype = jet_dtype
+        return gm
     hf = _is_hf_model(model)
     if tokenizer is None and hasattr(model, "_jetfx_tokenizer"):
         tokenizer = model._jetfx_tokenizer
@@ -363,8 +378,16 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
         tied_embeddings=_tied(model, hf),
         max_abs_error=err,
         token_input=structure.encoder.input,
+        jet_dtype=jet_dtype,
+        relative_error=_relative(err, eager),
     )
     return gm
+
+
+def _check_jet_dtype(dtype):
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InputError(f"jet_dtype must be a floating torch.dtype (torch.float32, torch.float64, …), got {dtype!r}")
+    return dtype
 
 
 def _module_of(ep, model) -> fx.GraphModule:
@@ -406,11 +429,36 @@ def _check_output(model, eager) -> None:
                          "(or its `.logits`, or the first element of a returned tuple) is a floating tensor")
 
 
+def reproduction_tolerance(dtype: torch.dtype) -> float:
+    """Largest max |traced − eager| / max(1, max |logits|) that rounding in `dtype` explains.
+
+    The exported graph runs the same ops as the model, but not always in the same order or with the
+    same fused kernels, so the two round differently: by about eps of the dtype per op, accumulated
+    over the layers. 1e-4 in float32 and float64 (as before: a wrong graph misses by O(1)); √eps of
+    a half-precision dtype (0.088 in bfloat16, 0.031 in float16), the tolerance jetfx uses for the
+    exactness of expansions too (`jetfx.expanded.exactness_tolerance`)."""
+    from .expanded import exactness_tolerance
+
+    return exactness_tolerance(dtype) if dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+
+def _relative(err: float, eager: torch.Tensor) -> float:
+    if eager.device.type == "meta" or err != err:
+        return float("nan")
+    return err / max(1.0, float(eager.float().abs().max()))
+
+
 def _check_reproduces(model, eager, traced, check: bool) -> float:
-    err = float((traced.float() - eager.float()).abs().max())
-    scale = float(eager.float().abs().max()) or 1.0
-    if check and err > 1e-4 * max(1.0, scale):
-        raise TraceError(f"the exported graph does not reproduce {type(model).__name__}: max |Δlogits| = {err:.3g}")
+    if eager.device.type == "meta":  # no values to compare (device bookkeeping checks trace on meta)
+        return float("nan")
+    err, scale = (t.item() for t in torch.stack([(traced.float() - eager.float()).abs().max(),
+                                                    eager.float().abs().max()]).cpu())
+    tol = reproduction_tolerance(eager.dtype)
+    if check and not err <= tol * max(1.0, scale):  # `not <=`: a nan error fails too
+        dtype = str(eager.dtype).replace("torch.", "")
+        raise TraceError(f"the exported graph does not reproduce {type(model).__name__}: max |Δlogits| = {err:.3g}, "
+                         f"more than the {tol:.1e} × max(1, max |logits| = {scale:.3g}) that {dtype} rounding explains; "
+                         "pass check=False to trace anyway")
     return err
 
 
@@ -463,6 +511,7 @@ def _trace_float(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], *, dt
         max_length=None,
         dtype=eager.dtype if dtype is None else dtype,
         max_abs_error=err,
+        relative_error=_relative(err, eager),
         token_input=structure.encoder.input,
         input_kind="float",
         example_inputs=tuple((tuple(t.shape), t.dtype) for t in inputs),

@@ -105,8 +105,12 @@ class MixedJet(torch.nn.Module):
         self.region = region
         if self.degree:
             row = interpolation_row(self.multiplicities)
-            self.register_buffer("points", torch.tensor([a for a, _ in row], dtype=torch.float64), persistent=False)
-            self.register_buffer("weights", torch.tensor([w for _, w in row], dtype=torch.float64), persistent=False)
+            # on the region's device: no host → device copy per call (buffers: they move with `.to()`)
+            device = next(region.parameters(), torch.empty(0)).device
+            self.register_buffer("points", torch.tensor([a for a, _ in row], dtype=torch.float64, device=device),
+                                 persistent=False)
+            self.register_buffer("weights", torch.tensor([w for _, w in row], dtype=torch.float64, device=device),
+                                 persistent=False)
             self.graph_module = directional_graph(region, self.degree)
 
     def forward(self, centers: torch.Tensor, directions: torch.Tensor, *side):
