@@ -39,10 +39,10 @@ CHUNKS = {p: (VOCAB // 32 if ":" not in p else VOCAB) for p in PATHS}  # 32 sour
 TOTAL = sum(CHUNKS.values())
 
 
-def ngrams_args(folder, db) -> list[str]:
+def ngrams_args(folder, db, progress: bool = False) -> list[str]:
     return ["ngrams", "--model", folder, "--db", str(db), "--path", "all", "--trigrams", "--heads",
             ",".join(map(str, HEADS)), "--chunk-size", "32",
-            "--top-k", "20", "--per-context", "2", "--no-progress", "--print", "1"]
+            "--top-k", "20", "--per-context", "2", "--print", "1"] + ([] if progress else ["--no-progress"])
 
 
 def torchrun(*args, nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
@@ -148,9 +148,16 @@ def reference(folder, tmp_path_factory):
 
 def test_two_ranks_write_what_one_process_writes(folder, reference, tmp_path):
     db = tmp_path / "two.sqlite"
-    proc = torchrun(*ngrams_args(folder, db))
+    proc = torchrun(*ngrams_args(folder, db, progress=True))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    # one progress bar (rank 0's: one start, one end), over the contexts of the whole job, with its ETA
+    # (text mode turns tqdm's \r redraws into lines)
+    contexts = sum(CHUNKS[p] * (32 if ":" not in p else VOCAB) for p in PATHS)
+    total = f"{contexts / 1000:.1f}k"
+    assert len(re.findall(rf"n-grams:\s+0%.* 0\.00/{total} ", err)) == 1, err[-3000:]
+    assert re.findall(r"n-grams:\s+\d+%.*\[[\d:]+<[\d:]+, [\d.]+k?ctx/s, \S+\]", err), err[-3000:]
+    assert len(re.findall(rf"n-grams: 100%.* {total}/{total} \[[\d:]+<00:00, ", err)) == 1, err[-3000:]
     assert f"jetfx: 2 ranks on 1 host (gloo); rank 0 (on " in err and f"writes {db}" in err
     assert computed(err) == (TOTAL, 0)
     assert out.count("== run ") == len(PATHS)  # printed once (rank 0)
