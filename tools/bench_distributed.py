@@ -90,13 +90,16 @@ def scaling(args, device: str | None, procs: list[int]) -> dict:
             dbs[n] = Path(tmp) / f"ngrams_{n}.sqlite"
             out["runs"].append(run_job(n, args, dbs[n], device))
         one, many = out["runs"][0], out["runs"][-1]
+        out["seconds_per_chunk_one_process"] = sig(one["job_s"] / one["chunks"])
+        if len(procs) < 2:
+            out["scaling"] = "needs 2 devices: one run only"
+            return out
         out["speedup_job"] = round(one["job_s"] / many["job_s"], 3)
         out["speedup_wall"] = round(one["wall_s"] / many["wall_s"], 3)
         out["efficiency"] = round(out["speedup_job"] / (many["procs"] / one["procs"]), 3)
         base = rows(dbs[procs[0]])
         out["same_rows_as_one_process"] = all(same_rows(base, rows(dbs[n])) for n in procs[1:])
         out["rows_compared"] = len(base)
-        out["seconds_per_chunk_one_process"] = sig(one["job_s"] / one["chunks"])
     return out
 
 
@@ -172,10 +175,18 @@ def trigram_model(args) -> dict:
         c["predicted_s"] = sig(head_s + rest_s)
         c["measured_over_predicted"] = round(c["seconds"] / (head_s + rest_s), 2)
     f_seen = sum(c["evaluated"] for c in chunks) / sum(c["contexts"] for c in chunks)
+    ratios = sorted(c["measured_over_predicted"] for c in chunks)
+    seconds_per_context = sum(c["seconds"] for c in chunks) / sum(c["contexts"] for c in chunks)
+    contexts = shape["layers"] * shape["heads"] * V ** 2
     gpus = [1, 8, 64, 512]
     out = {"path_measured": path, "shape": shape, "cpu_gemm_gflops": {"unembed_256": round(rate_eval / 1e9, 1),
                                                                        "projections": round(rate_head / 1e9, 1)},
            "chunks": chunks,
+           "measured_over_predicted_median": ratios[len(ratios) // 2],
+           # the measured chunks extrapolated to every head's V² contexts, on this machine's CPU
+           # processes of one thread (the paper used 128 CPU servers)
+           "cpu_hours_from_measured_chunks": {str(k): sig(contexts * seconds_per_context / k / 3600)
+                                              for k in (1, 2, 128)},
            "assumed_gpu": {"tflops_fp32": args.gpu_tflops, "tb_per_s": args.gpu_tbps,
                            "note": "sustained rates assumed for one GPU (fp32 without TF32); pass --gpu-tflops "
                                    "/ --gpu-tbps for your cards"}}
@@ -184,6 +195,7 @@ def trigram_model(args) -> dict:
                      "exhaustive_f1": job_cost(sh, 1.0, gpus, args.gpu_tflops, args.gpu_tbps),
                      "heads_only_f0": job_cost(sh, 0.0, gpus, args.gpu_tflops, args.gpu_tbps)}
     # a bigram chunk: predicted from the GEMM rate, against the one-process run's seconds per chunk
+    # (set by main: bigram_chunk_measured_s, bigram_measured_over_predicted)
     out["bigram_chunk_predicted_s"] = sig(2 * args.chunk_size * d * V / gemm_rate(args.chunk_size, d, V))
     return out
 
@@ -212,7 +224,9 @@ def main():
                                     "this section runs the same job with --device cuda (NCCL), 1 and 2 processes"}
     if not args.skip_trigram:
         result["trigram_model"] = trigram_model(args)
-        result["trigram_model"]["bigram_chunk_measured_s"] = result["cpu"]["seconds_per_chunk_one_process"]
+        tm = result["trigram_model"]
+        tm["bigram_chunk_measured_s"] = result["cpu"]["seconds_per_chunk_one_process"]
+        tm["bigram_measured_over_predicted"] = round(tm["bigram_chunk_measured_s"] / tm["bigram_chunk_predicted_s"], 2)
     result["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(json.dumps(result, indent=1, default=float))
 
