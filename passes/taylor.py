@@ -39,7 +39,7 @@ from torch import fx
 
 from ..errors import ExpansionError, check_order
 from ._graph import aten
-from .batching import map_centers
+from .batching import BatchedGraph
 
 __all__ = ["TaylorJet", "taylor_graph_module", "RULES", "supported_ops"]
 
@@ -183,6 +183,20 @@ class Builder:
                 out.append(None)
             else:
                 out.append(fn(c, name))
+        return Series(out)
+
+    def stacked(self, a: Series, fn: Callable, base: str) -> Series:
+        """u_j ↦ fn(u_j) for an op that acts on the last dimensions only (linear on a constant
+        weight): one call on the nonzero coefficients stacked along a new leading dimension,
+        so the weight is read once for all of them instead of once per coefficient."""
+        js = a.nonzero()
+        if len(js) < 2:
+            return self.linear(a, fn, base)
+        stack = self.call(aten.stack.default, ([a[j] for j in js],), name=base + "_stacked_in")
+        both = fn(stack, base + "_stacked")
+        out: list = [None] * len(a.cs)
+        for i, j in enumerate(js):
+            out[j] = self.call(aten.select.int, (both, 0, i), name=self.cname(base, j))
         return Series(out)
 
     def ode(self, u: Series, y0, g: Callable[[int, list], object], base: str) -> Series:
@@ -509,7 +523,10 @@ def rule_linear(ctx, node, args, kwargs):  # linear(x, W, b)
     def c0(c, name):
         return B.call(aten.linear.default, (c, wc, bc) if bc is not None else (c, wc), name=name)
 
-    return B.linear(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base, c0=c0)
+    if len(x.nonzero()) < 2:
+        return B.linear(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base, c0=c0)
+    out = B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base)
+    return out if bc is None else B.shift(out, bc, ctx.base + "_bias")
 
 
 def _add_any(ctx, s: Series, other):
@@ -1128,6 +1145,7 @@ class TaylorJet(torch.nn.Module):
         self.coefficients = coefficients
         gm, fallback = taylor_graph_module(region, self.k, strict=strict)
         self.graph_module = gm
+        self.batched = BatchedGraph(gm)  # gm over the centers: vmap, then a graph traced once
         self.fallback_ops = fallback
         if fallback:
             warnings.warn(
@@ -1138,14 +1156,7 @@ class TaylorJet(torch.nn.Module):
 
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side, coefficients: bool | None = None):
         coefficients = self.coefficients if coefficients is None else coefficients
-        gm = self.graph_module
-        if centers.shape[0] == 1:
-            cs = [c.unsqueeze(0) for c in gm(centers[0], variate, *side)]
-        else:
-            def one(x):
-                return tuple(gm(x, variate, *side))
-
-            cs = list(map_centers(one, centers))
+        cs = list(self.batched(centers, variate, *side))
         if coefficients:
             return torch.stack(cs)
         out = cs[0]
