@@ -149,6 +149,28 @@ def test_rule_matches_nested_jvp(name):
     check_region(UNARY[name], X, Y, ref=REFERENCES.get(name))
 
 
+@pytest.mark.parametrize("name", sorted(UNARY) + sorted(POSITIVE))
+def test_traced_batched_graph_matches_nested_jvp(name):
+    """The second call with a signature runs the graph traced through vmap (BatchedGraph): it must be
+    exactly as good as the first (vmap) one, at several centers."""
+    f, x, y = (UNARY[name], X, Y) if name in UNARY else (POSITIVE[name], XP, YP)
+    ref = REFERENCES.get(name, f)
+    region = region_of(f, x)
+    centers = torch.stack([x, 0.5 * x + 0.25 * y])
+    want = torch.stack([torch.stack(jet_coefficients(ref, c, y, 3)) for c in centers.unbind(0)], 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Taylor-mode")
+        tj = TaylorJet(region, 3)
+    with torch.no_grad():
+        first = tj(centers, y, coefficients=True)
+        second = tj(centers, y, coefficients=True)
+        third = tj(centers, y, coefficients=True)
+    assert [g is not None for g in tj.batched.graphs.values()] == [True]  # traced, and kept
+    scale = want.abs().max().clamp_min(1e-12)
+    for got in (first, second, third):
+        assert ((got - want).abs().max() / scale).item() < 1e-9
+
+
 @pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_positive_rule_matches_nested_jvp(name):
     check_region(POSITIVE[name], XP, YP)
