@@ -74,6 +74,17 @@ class _Unsupported(Exception):
     pass
 
 
+def stack_coefficients(cs):
+    """torch.stack of coefficients, broadcast to one shape first (a coefficient may be smaller
+    than the value it belongs to: c + x for a constant c keeps x's shape from c_1 on)."""
+    return torch.stack(torch.broadcast_tensors(*cs))
+
+
+def cat_coefficient_rows(cs):
+    """The coefficients (2-D) broadcast to one shape and concatenated along the rows."""
+    return torch.cat(torch.broadcast_tensors(*cs))
+
+
 # --------------------------------------------------------------------------------------------
 # the builder: coefficient-level algebra that emits nodes
 
@@ -185,15 +196,22 @@ class Builder:
                 out.append(fn(c, name))
         return Series(out)
 
-    def stacked(self, a: Series, fn: Callable, base: str) -> Series:
+    def stacked(self, a: Series, fn: Callable, base: str, rows: bool = False) -> Series:
         """u_j ↦ fn(u_j) for an op that acts on the last dimensions only (linear on a constant
         weight): one call on the nonzero coefficients stacked along a new leading dimension,
-        so the weight is read once for all of them instead of once per coefficient."""
+        so the weight is read once for all of them instead of once per coefficient. `rows`: the
+        op takes 2-D inputs and acts row by row (mm on a constant): the coefficients are
+        concatenated along the rows instead, and the result split back."""
         js = a.nonzero()
         if len(js) < 2:
             return self.linear(a, fn, base)
-        stack = self.call(aten.stack.default, ([a[j] for j in js],), name=base + "_stacked_in")
-        both = fn(stack, base + "_stacked")
+        if rows:
+            cat = self.call(cat_coefficient_rows, ([a[j] for j in js],), name=base + "_stacked_in")
+            flat = fn(cat, base + "_stacked")
+            both = self.call(aten.unflatten.int, (flat, 0, [len(js), -1]), name=base + "_stacked")
+        else:
+            stack = self.call(stack_coefficients, ([a[j] for j in js],), name=base + "_stacked_in")
+            both = fn(stack, base + "_stacked")
         out: list = [None] * len(a.cs)
         for i, j in enumerate(js):
             out[j] = self.call(aten.select.int, (both, 0, i), name=self.cname(base, j))
@@ -469,6 +487,10 @@ def _bilinear(ctx, node, a, b, rest=(), kw=None):
         return B.call(node.target, (x, y, *rest), kw, name=name)
 
     if _is_series(a) and _is_series(b):
+        if node.target in _BATCHABLE_PRODUCTS and not rest and not kw:
+            pairs = sum(1 for n in range(ctx.k + 1) for i in range(n + 1) if a[i] is not None and b[n - i] is not None)
+            if pairs >= 3:
+                return _cauchy_in_one_call(ctx, node.target, a, b)
         out = []
         for n in range(ctx.k + 1):
             name = B.cname(ctx.base, n)
@@ -479,6 +501,46 @@ def _bilinear(ctx, node, a, b, rest=(), kw=None):
         return B.linear(a, lambda c, name: op(c, bc, name), ctx.base)
     ac = _cval(a)
     return B.linear(b, lambda c, name: op(ac, c, name), ctx.base)
+
+
+_BATCHABLE_PRODUCTS = {aten.matmul.default, aten.bmm.default}
+
+
+def cauchy_products(op, counts, lhs, rhs):
+    """Σ op(lhs[p], rhs[p]) over consecutive runs of `counts[n]` pairs, one sum per run.
+
+    When the operands all have the same rank (≥ 2), every product is taken in one batched matmul
+    over the stacked pairs (one dispatch, instead of one per pair); otherwise one op per pair.
+    """
+    ranks = {t.dim() for t in (*lhs, *rhs)}
+    if len(ranks) == 1 and min(ranks) >= 2:
+        prods = torch.matmul(stack_coefficients(lhs), stack_coefficients(rhs))
+        terms = prods.split(list(counts))
+        return tuple(t[0] if len(t) == 1 else t.sum(0) for t in terms)
+    out, p = [], 0
+    for c in counts:
+        acc = None
+        for q in range(p, p + c):
+            term = op(lhs[q], rhs[q])
+            acc = term if acc is None else acc + term
+        out.append(acc)
+        p += c
+    return tuple(out)
+
+
+def _cauchy_in_one_call(ctx, target, a: Series, b: Series) -> Series:
+    """(a·b)_n = Σ_i a_i b_{n−i} for a matrix product: every product a_i b_j (i + j ≤ k) in one
+    batched call over the stacked pairs (`cauchy_products`), instead of O(k²) dispatches."""
+    B = ctx.b
+    pairs = [(n, i) for n in range(ctx.k + 1) for i in range(n + 1) if a[i] is not None and b[n - i] is not None]
+    ns = sorted({n for n, _ in pairs})
+    counts = [sum(1 for m, _ in pairs if m == n) for n in ns]
+    both = B.call(cauchy_products, (target, counts, [a[i] for _, i in pairs], [b[n - i] for n, i in pairs]),
+                  name=ctx.base + "_products")
+    out: list = [None] * (ctx.k + 1)
+    for p, n in enumerate(ns):
+        out[n] = B.call(operator.getitem, (both, p), name=B.cname(ctx.base, n))
+    return Series(out)
 
 
 def rule_bilinear(ctx, node, args, kwargs):
@@ -523,7 +585,7 @@ def rule_linear(ctx, node, args, kwargs):  # linear(x, W, b)
     def c0(c, name):
         return B.call(aten.linear.default, (c, wc, bc) if bc is not None else (c, wc), name=name)
 
-    if len(x.nonzero()) < 2:
+    if len(x.nonzero()) < 2 or x[0] is None:
         return B.linear(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base, c0=c0)
     out = B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base)
     return out if bc is None else B.shift(out, bc, ctx.base + "_bias")
@@ -543,6 +605,10 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
     B = ctx.b
     if not _is_series(inp) and not (_is_series(m1) and _is_series(m2)):
         ic = _cval(inp)
+        if _is_series(m1) and m1[0] is not None and len(m1.nonzero()) >= 2 and alpha == 1 and beta == 1:  # x·W + b (GPT-2's Conv1D)
+            other = _cval(m2)
+            s = B.stacked(m1, lambda c, name: B.call(aten.mm.default, (c, other), name=name), ctx.base, rows=True)
+            return B.shift(s, ic, ctx.base + "_bias")
         if _is_series(m1):
             other = _cval(m2)
             fn = lambda c, name: B.call(aten.mm.default, (c, other), name=name)  # noqa: E731
