@@ -93,6 +93,21 @@ class Builder:
     def __init__(self, graph: fx.Graph, k: int):
         self.g = graph
         self.k = k
+        # series whose nonzero coefficients are also one stacked node (leading dimension), so
+        # that later linear ops can act on all of them in one call: coefficients → stack node
+        self.stacks: dict[tuple, fx.Node] = {}
+
+    def stack_of(self, a: Series):
+        return self.stacks.get(tuple(a.cs)) if isinstance(a, Series) else None
+
+    def from_stack(self, stack, js, length: int, base: str) -> Series:
+        """The series whose nonzero coefficients j in `js` are stack[i] (selects, unused ones
+        vanish with dead code), remembered as stacked."""
+        out: list = [None] * length
+        for i, j in enumerate(js):
+            out[j] = self.call(aten.select.int, (stack, 0, i), name=self.cname(base, j))
+        self.stacks[tuple(out)] = stack
+        return Series(out)
 
     # -- emitting
     def call(self, target, args, kwargs=None, name=None):
@@ -205,17 +220,19 @@ class Builder:
         js = a.nonzero()
         if len(js) < 2:
             return self.linear(a, fn, base)
+        stack = self.stack_of(a)
         if rows:
-            cat = self.call(cat_coefficient_rows, ([a[j] for j in js],), name=base + "_stacked_in")
+            if stack is not None:
+                cat = self.call(aten.flatten.using_ints, (stack, 0, 1), name=base + "_stacked_in")
+            else:
+                cat = self.call(cat_coefficient_rows, ([a[j] for j in js],), name=base + "_stacked_in")
             flat = fn(cat, base + "_stacked")
             both = self.call(aten.unflatten.int, (flat, 0, [len(js), -1]), name=base + "_stacked")
         else:
-            stack = self.call(stack_coefficients, ([a[j] for j in js],), name=base + "_stacked_in")
+            if stack is None:
+                stack = self.call(stack_coefficients, ([a[j] for j in js],), name=base + "_stacked_in")
             both = fn(stack, base + "_stacked")
-        out: list = [None] * len(a.cs)
-        for i, j in enumerate(js):
-            out[j] = self.call(aten.select.int, (both, 0, i), name=self.cname(base, j))
-        return Series(out)
+        return self.from_stack(both, js, len(a.cs), base)
 
     def ode(self, u: Series, y0, g: Callable[[int, list], object], base: str) -> Series:
         """y with y' = g(y)·u': y_n = (1/n) Σ_{j=1..n} j u_j g_{n−j}.
@@ -415,7 +432,81 @@ def rule_linear_first(ctx: Ctx, node, args, kwargs):
     u = args[0]
     rest = tuple(_cval(a) for a in args[1:])
     kw = {key: _cval(v) for key, v in kwargs.items()}
+    stack = ctx.b.stack_of(u)
+    if stack is not None:
+        shifted = _on_stack_args(node.target, rest, kw, len(u.nonzero()))
+        if shifted is not None:
+            B = ctx.b
+            new = B.call(node.target, (stack, *shifted), kw, name=ctx.base + "_stacked")
+            if node.target.overloadpacket.__name__ not in _SPLITS:
+                return B.from_stack(new, u.nonzero(), len(u.cs), ctx.base)
+            # a tuple of stacks: each coefficient's tuple for ops that take it whole, and getitem
+            # takes a piece's stack directly (`rule_getitem`)
+            out: list = [None] * len(u.cs)
+            for i, j in enumerate(u.nonzero()):
+                out[j] = B.call(pieces_of, (new, i), name=B.cname(ctx.base, j))
+            B.stacks[("pieces", *out)] = new
+            return Series(out)
     return ctx.b.linear(u, lambda c, name: ctx.b.call(node.target, (c, *rest), kw, name=name), ctx.base)
+
+
+def _shift_dim(d):
+    """A dimension of one coefficient as a dimension of the stack (one more, leading)."""
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise _Unsupported
+    return d + 1 if d >= 0 else d
+
+
+# ops linear in their first argument that can act on a stack of coefficients: what becomes of
+# their other arguments (a leading dimension of size n added in front)
+_ON_STACK = {
+    "view": lambda n, shape: ([n, *shape],),
+    "_unsafe_view": lambda n, shape: ([n, *shape],),
+    "reshape": lambda n, shape: ([n, *shape],),
+    "expand": lambda n, sizes, *r: ([n, *sizes], *r),
+    "transpose": lambda n, d0, d1: (_shift_dim(d0), _shift_dim(d1)),
+    "permute": lambda n, dims: ([0, *(_shift_dim(d) for d in dims)],),
+    "slice": lambda n, dim=0, *r: (_shift_dim(dim), *r),
+    "select": lambda n, dim, i: (_shift_dim(dim), i),
+    "unsqueeze": lambda n, dim: (_shift_dim(dim),),
+    "neg": lambda n: (),
+    "clone": lambda n: (),
+    "contiguous": lambda n: (),
+    "alias": lambda n: (),
+    "_to_copy": lambda n: (),
+    "to": lambda n, *r: r if all(isinstance(a, (torch.dtype, bool)) or a is None for a in r) else _unsupported(),
+}
+
+
+_SPLITS = {"split", "split_with_sizes", "chunk"}
+_ON_STACK.update({
+    "split": lambda n, size, dim=0: (size, _shift_dim(dim)),
+    "split_with_sizes": lambda n, sizes, dim=0: (sizes, _shift_dim(dim)),
+    "chunk": lambda n, chunks, dim=0: (chunks, _shift_dim(dim)),
+})
+
+
+def pieces_of(stacked_pieces, i):
+    """Coefficient i of every piece of a split stack: the split of that coefficient."""
+    return tuple(p[i] for p in stacked_pieces)
+
+
+def _unsupported():
+    raise _Unsupported
+
+
+def _on_stack_args(target, rest, kw, n):
+    """The arguments after the first for `target` acting on a stack of n coefficients, or None."""
+    packet = getattr(target, "overloadpacket", None)
+    fn = _ON_STACK.get(getattr(packet, "__name__", None))
+    if fn is None or (kw and packet.__name__ not in ("_to_copy", "to", "clone")):
+        return None
+    if packet.__name__ in ("view", "_unsafe_view", "reshape", "expand") and not isinstance(rest[0], (list, tuple)):
+        return None
+    try:
+        return tuple(fn(n, *rest))
+    except (_Unsupported, TypeError):
+        return None
 
 
 def rule_linear_list(ctx: Ctx, node, args, kwargs):
@@ -423,6 +514,16 @@ def rule_linear_list(ctx: Ctx, node, args, kwargs):
     items = args[0]
     rest = tuple(_cval(a) for a in args[1:])
     kw = {key: _cval(v) for key, v in kwargs.items()}
+    stacks = [ctx.b.stack_of(a) for a in items]
+    if (node.target == aten.cat.default and not kw and items and all(st is not None for st in stacks)
+            and len({tuple(a.nonzero()) for a in items}) == 1):
+        try:
+            dim = _shift_dim(rest[0] if rest else 0)
+        except _Unsupported:
+            dim = None
+        if dim is not None:
+            new = ctx.b.call(aten.cat.default, (stacks, dim), name=ctx.base + "_stacked")
+            return ctx.b.from_stack(new, items[0].nonzero(), len(items[0].cs), ctx.base)
     out = []
     for j in range(ctx.k + 1):
         name = ctx.b.cname(ctx.base, j)
@@ -456,7 +557,12 @@ def rule_add(ctx: Ctx, node, args, kwargs, sign=1):
         c0 = B.call(node.target, (a[0], _cval(b)), {k_: _cval(v) for k_, v in kwargs.items()}, name=B.cname(ctx.base, 0))
         return Series([c0] + a.cs[1:])
     shape = _shape(node)
-    return B.add_series(a, b, ctx.base, alpha, expand_a=_shape(node.args[0]) != shape, expand_b=_shape(node.args[1]) != shape)
+    expand_a, expand_b = _shape(node.args[0]) != shape, _shape(node.args[1]) != shape
+    sa, sb = B.stack_of(a), B.stack_of(b)
+    if sa is not None and sb is not None and not (expand_a or expand_b) and shape is not None and a.nonzero() == b.nonzero():
+        new = B.call(aten.add.Tensor, (sa, sb), {"alpha": alpha} if alpha != 1 else {}, name=ctx.base + "_stacked")
+        return B.from_stack(new, a.nonzero(), len(a.cs), ctx.base)
+    return B.add_series(a, b, ctx.base, alpha, expand_a=expand_a, expand_b=expand_b)
 
 
 def _shape(n):
@@ -496,11 +602,43 @@ def _bilinear(ctx, node, a, b, rest=(), kw=None):
             name = B.cname(ctx.base, n)
             out.append(B.total([op(a[i], b[n - i], name) for i in range(n + 1) if a[i] is not None and b[n - i] is not None], name))
         return Series(out)
+    if not rest and not kw:
+        on_stack = _elementwise_on_stack(ctx, node, a, b)
+        if on_stack is not None:
+            return on_stack
     if _is_series(a):
         bc = _cval(b)
         return B.linear(a, lambda c, name: op(c, bc, name), ctx.base)
     ac = _cval(a)
     return B.linear(b, lambda c, name: op(ac, c, name), ctx.base)
+
+
+_ELEMENTWISE_LINEAR = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+
+
+def _rank(n):
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def _elementwise_on_stack(ctx, node, a, b):
+    """series·constant (or series/constant) in one op on the series' stack, when the constant
+    broadcasts over the trailing dimensions only (its rank at most the series'); else None."""
+    if node.target not in _ELEMENTWISE_LINEAR or (_is_series(b) and node.target in (aten.div.Tensor, aten.div.Scalar)):
+        return None
+    first = _is_series(a)
+    series, const = (a, _cval(b)) if first else (b, _cval(a))
+    stack = ctx.b.stack_of(series)
+    if stack is None:
+        return None
+    if isinstance(const, fx.Node):
+        rs, rc = _rank(node.args[0 if first else 1]), _rank(node.args[1 if first else 0])
+        if rs is None or rc is None or rc > rs:
+            return None
+    elif not isinstance(const, (int, float)) or isinstance(const, bool):
+        return None
+    new = ctx.b.call(node.target, (stack, const) if first else (const, stack), name=ctx.base + "_stacked")
+    return ctx.b.from_stack(new, series.nonzero(), len(series.cs), ctx.base)
 
 
 _BATCHABLE_PRODUCTS = {aten.matmul.default, aten.bmm.default}
@@ -562,6 +700,9 @@ def rule_div(ctx, node, args, kwargs):
     a, b = args[0], args[1]
     B = ctx.b
     if not _is_series(b):
+        on_stack = _elementwise_on_stack(ctx, node, a, b)
+        if on_stack is not None:
+            return on_stack
         bc = _cval(b)
         return B.linear(a, lambda c, name: B.call(node.target, (c, bc), name=name), ctx.base)
     if not _is_series(a):
@@ -883,6 +1024,10 @@ def rule_sdpa(ctx, node, args, kwargs):
 def rule_getitem(ctx, node, args, kwargs):
     u, i = args
     B = ctx.b
+    pieces = B.stacks.get(("pieces", *u.cs))
+    if pieces is not None and isinstance(i, int):
+        piece = B.call(operator.getitem, (pieces, i), name=ctx.base + "_stacked")
+        return B.from_stack(piece, u.nonzero(), len(u.cs), ctx.base)
     return B.linear(u, lambda c, name: B.call(operator.getitem, (c, i), name=name), ctx.base)
 
 
