@@ -80,6 +80,11 @@ def stack_coefficients(cs):
     return torch.stack(torch.broadcast_tensors(*cs))
 
 
+def add_to_first(stack, value):
+    """`value` added to the first entry of a stack of coefficients only (c_0: a bias)."""
+    return torch.cat([(stack[0] + value).unsqueeze(0), stack[1:]])
+
+
 def cat_coefficient_rows(cs):
     """The coefficients (2-D) broadcast to one shape and concatenated along the rows."""
     return torch.cat(torch.broadcast_tensors(*cs))
@@ -372,6 +377,14 @@ class Builder:
                 c = self.call(aten.expand_as.default, (c, out[0]), name=name)
             out.append(c)
         return Series(out)
+
+    def shift_stacked(self, a: Series, s, base: str) -> Series:
+        """`shift` that keeps a stacked series stacked (the bias of a linear layer on a stack)."""
+        stack = self.stack_of(a)
+        if stack is None:
+            return self.shift(a, s, base)
+        new = self.call(add_to_first, (stack, s), name=base + "_stacked")
+        return self.from_stack(new, a.nonzero(), len(a.cs), base)
 
     def shift(self, a: Series, s, base: str) -> Series:
         """a + s for a constant (node or scalar) s: only the zeroth coefficient changes."""
@@ -729,7 +742,7 @@ def rule_linear(ctx, node, args, kwargs):  # linear(x, W, b)
     if len(x.nonzero()) < 2 or x[0] is None:
         return B.linear(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base, c0=c0)
     out = B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base)
-    return out if bc is None else B.shift(out, bc, ctx.base + "_bias")
+    return out if bc is None else B.shift_stacked(out, bc, ctx.base + "_bias")
 
 
 def _add_any(ctx, s: Series, other):
@@ -749,7 +762,7 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
         if _is_series(m1) and m1[0] is not None and len(m1.nonzero()) >= 2 and alpha == 1 and beta == 1:  # x·W + b (GPT-2's Conv1D)
             other = _cval(m2)
             s = B.stacked(m1, lambda c, name: B.call(aten.mm.default, (c, other), name=name), ctx.base, rows=True)
-            return B.shift(s, ic, ctx.base + "_bias")
+            return B.shift_stacked(s, ic, ctx.base + "_bias")
         if _is_series(m1):
             other = _cval(m2)
             fn = lambda c, name: B.call(aten.mm.default, (c, other), name=name)  # noqa: E731
