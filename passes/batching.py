@@ -5,7 +5,7 @@ blocks of a jet (9 tokens: tens of microseconds per op) its per-op cost is a lar
 time: every op goes through the batching rules, at every call. `BatchedGraph` pays that once:
 the mapped function is traced through vmap (`make_fx`) into a plain ATen graph with the center
 dimension in every tensor, identity views are dropped, and later calls with the same input
-signature run that graph. Under torch.export vmap's batching rules ask for concrete sizes
+signature run that graph (once vmap has cost about as much as tracing: see `BatchedGraph`). Under torch.export vmap's batching rules ask for concrete sizes
 (aten.cat's, for one), which would specialize the exported program to the example's batch and
 length, so while exporting the N centers (a static count) are mapped by a Python loop instead,
 which export traces into N copies of the region with dynamic batch and sequence sizes.
@@ -13,6 +13,7 @@ which export traces into N copies of the region with dynamic batch and sequence 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -144,52 +145,72 @@ class BatchedGraph:
     """Calls `module(x, *shared)` for every row x of `centers`, results stacked (a tuple when the
     module returns one).
 
-    The first call with an input signature runs vmap; the second traces the batched graph
-    (`trace_batched`), which that signature's later calls run. One-off calls (an iterative lens
-    visits each block once) pay no tracing; repeated ones (benchmarks, an expansion evaluated on
-    many inputs) pay it once. While exporting, or when an input requires grad, it maps by
-    `map_centers` (the traced graph is only ever used for inference).
+    Calls map by vmap until the time they took with an input signature reaches the estimated cost
+    of tracing (`trace_batched`, about `TRACE_S_PER_NODE` per node of the module's graph): then
+    that signature is traced once and its later calls run the traced graph. So one-off calls (an
+    iterative lens visits each block once) pay no tracing, and repeated calls never pay more than
+    twice what tracing first would have cost; `trace(centers, *shared)` traces at once (a
+    benchmark, or a loop known to be long). While exporting, or when an input requires grad, calls
+    map by `map_centers` (the traced graph is only ever used for inference).
     """
 
-    TRACE_AFTER = 1  # calls by vmap before a signature is traced
+    TRACE_S_PER_NODE = 1e-3  # tracing cost per node of the module's graph, in seconds (measured: 0.5–3 ms)
     MAX_GRAPHS = 8  # signatures kept (oldest dropped)
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.graphs: dict = {}
-        self.calls: dict = {}
+        self.spent: dict = {}  # seconds spent by vmap, per signature not traced yet
+        graph = getattr(module, "graph", None)
+        nodes = sum(1 for n in graph.nodes if n.op == "call_function") if isinstance(graph, fx.Graph) else 200
+        self.trace_estimate_s = self.TRACE_S_PER_NODE * max(nodes, 1)
 
-    def __call__(self, centers: torch.Tensor, *shared):
+    def trace(self, centers: torch.Tensor, *shared) -> BatchedGraph:
+        """Trace the graph for this input signature now (if it can be): later calls run it."""
+        key = self._key(centers, shared, _params(self.module))
+        if key is not None and key not in self.graphs:
+            with torch.no_grad():
+                self._store(key, self._trace(centers, shared, self._plain(centers, shared), _params(self.module)))
+        return self
+
+    def _plain(self, centers, shared):
         module = self.module
-        params = _params(module)
+        if centers.shape[0] == 1 and not torch.compiler.is_exporting():
+            out = module(centers[0], *shared)
+            if isinstance(out, (tuple, list)):
+                return tuple(o.unsqueeze(0) for o in out)
+            return out.unsqueeze(0)
+        return map_centers(lambda x: module(x, *shared), centers)
 
-        def plain():
-            if centers.shape[0] == 1 and not torch.compiler.is_exporting():
-                out = module(centers[0], *shared)
-                if isinstance(out, (tuple, list)):
-                    return tuple(o.unsqueeze(0) for o in out)
-                return out.unsqueeze(0)
-            return map_centers(lambda x: module(x, *shared), centers)
-
+    def _key(self, centers, shared, params):
         if torch.compiler.is_exporting() or (torch.is_grad_enabled() and (
                 centers.requires_grad or any(isinstance(s, torch.Tensor) and s.requires_grad for s in shared)
                 or any(p.requires_grad for p in params.values()))):
-            return plain()
-        key = _signature((centers, *shared, *params.values()))
-        if key is None:
-            return plain()
-        if key in self.graphs:
-            graph = self.graphs[key]
-            return plain() if graph is None else graph(params, centers, *shared)
-        seen = self.calls.get(key, 0)
-        if seen < self.TRACE_AFTER:
-            self.calls[key] = seen + 1
-            return plain()
-        want = plain()
-        graph = self._trace(centers, shared, want, params)
+            return None
+        return _signature((centers, *shared, *params.values()))
+
+    def _store(self, key, graph):
         if len(self.graphs) >= self.MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
         self.graphs[key] = graph  # None: not traceable, this signature stays on vmap
+        self.spent.pop(key, None)
+
+    def __call__(self, centers: torch.Tensor, *shared):
+        params = _params(self.module)
+        key = self._key(centers, shared, params)
+        if key is None:
+            return self._plain(centers, shared)
+        if key in self.graphs:
+            graph = self.graphs[key]
+            return self._plain(centers, shared) if graph is None else graph(params, centers, *shared)
+        spent = self.spent.get(key, 0.0)
+        if spent < self.trace_estimate_s:
+            t = time.perf_counter()
+            out = self._plain(centers, shared)
+            self.spent[key] = spent + time.perf_counter() - t
+            return out
+        want = self._plain(centers, shared)
+        self._store(key, self._trace(centers, shared, want, params))
         return want
 
     def _trace(self, centers, shared, want, params):

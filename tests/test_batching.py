@@ -52,6 +52,7 @@ def test_traced_block_jets_match_nested_ad(arch, which):
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="Taylor-mode")
             tj = TaylorJet(region, k)
+        tj.batched.trace_estimate_s = 0.0  # trace at the first call
         want = NestedJet(region, k, coefficients=True)(centers, x, *side)
         with torch.no_grad():
             for call in range(3):
@@ -104,8 +105,8 @@ def test_graph_reads_current_weights():
     batched = BatchedGraph(region)
     centers = torch.randn(2, 5, 4, dtype=torch.float64)
     with torch.no_grad():
-        for _ in range(3):
-            batched(centers)
+        batched.trace(centers)
+        batched(centers)
         assert next(iter(batched.graphs.values())) is not None
         lin.weight.mul_(-2.0)
         lin.bias.add_(1.0)
@@ -115,6 +116,7 @@ def test_graph_reads_current_weights():
 def test_new_shape_traces_again_and_old_one_is_kept():
     region, x, side = _block("gpt2", "mlp")
     ev = Evaluate(region)
+    ev.batched.trace_estimate_s = 0.0
     with torch.no_grad():
         for n in (2, 3, 2, 3, 2, 3):
             centers = torch.stack([x * (i + 1) for i in range(n)])
@@ -156,6 +158,26 @@ def test_fallback_ops_are_exact_when_traced():
         tj = TaylorJet(region, 3)
     centers = torch.stack([x, y])
     want = NestedJet(region, 3, coefficients=True)(centers, y)
+    tj.batched.trace(centers, y)
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(tj(centers, y, coefficients=True), want, rtol=1e-10, atol=1e-12)
+
+
+def test_tracing_waits_until_vmap_has_cost_as_much():
+    """Calls stay on vmap while the time they took is below the estimated tracing cost; the call
+    after that traces; one-off calls never trace."""
+    region, x, side = _block("llama", "mlp")
+    tj = TaylorJet(region, 1)
+    assert tj.batched.trace_estimate_s > 0
+    centers = torch.stack([x, 0.5 * x])
+    tj.batched.trace_estimate_s = 1e9
+    with torch.no_grad():
+        first = tj(centers, x, *side)
+        for _ in range(4):
+            tj(centers, x, *side)
+        assert not tj.batched.graphs and list(tj.batched.spent.values())[0] > 0
+        tj.batched.trace_estimate_s = list(tj.batched.spent.values())[0]  # now spent as much as tracing
+        tj(centers, x, *side)
+        assert list(tj.batched.graphs.values())[0] is not None and not tj.batched.spent
+        torch.testing.assert_close(tj(centers, x, *side), first, rtol=1e-12, atol=1e-12)

@@ -167,8 +167,8 @@ def test_rule_matches_nested_jvp(name):
 
 @pytest.mark.parametrize("name", sorted(UNARY) + sorted(POSITIVE))
 def test_traced_batched_graph_matches_nested_jvp(name):
-    """The second call with a signature runs the graph traced through vmap (BatchedGraph): it must be
-    exactly as good as the first (vmap) one, at several centers."""
+    """Calls after `trace` run the graph traced through vmap (BatchedGraph): it must be exactly as
+    good as the first (vmap) call, at several centers."""
     f, x, y = (UNARY[name], X, Y) if name in UNARY else (POSITIVE[name], XP, YP)
     ref = REFERENCES.get(name, f)
     region = region_of(f, x)
@@ -179,6 +179,7 @@ def test_traced_batched_graph_matches_nested_jvp(name):
         tj = TaylorJet(region, 3)
     with torch.no_grad():
         first = tj(centers, y, coefficients=True)
+        tj.batched.trace(centers, y)
         second = tj(centers, y, coefficients=True)
         third = tj(centers, y, coefficients=True)
     assert [g is not None for g in tj.batched.graphs.values()] == [True]  # traced, and kept
