@@ -7,10 +7,11 @@ and `h.0.mlp` (`--blocks` to choose), prints JSON with, per block and k:
 
 - ops: call_function nodes in the region (one forward), in the Taylor graph (one center), and in
   the batched graph traced through vmap for N centers (`jetfx.passes.batching`);
-- cpu_ms: median process CPU time of one forward at one center, of the jet by vmap at every call
-  (what `TaylorJet` did before the batched graph), and of the jet by the traced batched graph;
-  the ratios to the forward. CPU time, not wall time, so that other processes on a shared
-  machine disturb the comparison less (caches are still shared: compare figures of one run);
+- cpu_ms: median time of one forward at one center, of the jet by vmap at every call (what
+  `TaylorJet` did before the batched graph), and of the jet by the traced batched graph; the
+  ratios to the forward. Process CPU time with one thread (`--clock`), so that other processes on
+  a shared machine disturb the comparison less (caches are still shared: compare figures of one
+  run); wall time with more threads, whose idle workers spin and count as CPU time;
 - top: `torch.profiler`'s ops with the most self CPU time in the traced jet, per call.
 """
 
@@ -25,14 +26,17 @@ import warnings
 import torch
 
 
+CLOCK = time.process_time
+
+
 def cpu_time(fn, reps):
     fn()
     fn()
     times = []
     for _ in range(reps):
-        t = time.process_time()
+        t = CLOCK()
         fn()
-        times.append(time.process_time() - t)
+        times.append(CLOCK() - t)
     return statistics.median(times)
 
 
@@ -81,7 +85,13 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=8, help="profiler rows per jet (0: no profiler)")
     p.add_argument("--blocks", nargs="+", default=["smollm2:layers.0.self_attn", "smollm2:layers.0.mlp",
                                                    "gpt2:h.0.attn", "gpt2:h.0.mlp"])
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="process CPU time (default with 1 thread) or wall time (default with more: "
+                        "idle worker threads spin and count as CPU time)")
     args = p.parse_args(argv)
+    global CLOCK
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    CLOCK = time.process_time if clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import transformers
@@ -91,8 +101,8 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(0)
     traced = {}
-    out = {"torch": torch.__version__, "threads": args.threads, "centers": args.centers, "tokens": args.tokens,
-           "blocks": {}}
+    out = {"torch": torch.__version__, "threads": args.threads, "clock": clock, "centers": args.centers,
+           "tokens": args.tokens, "blocks": {}}
     for spec in args.blocks:
         model_name, block_name = spec.split(":")
         if model_name not in traced:
