@@ -741,8 +741,10 @@ def rule_linear(ctx, node, args, kwargs):  # linear(x, W, b)
 
     if len(x.nonzero()) < 2 or x[0] is None:
         return B.linear(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base, c0=c0)
-    out = B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base)
-    return out if bc is None else B.shift_stacked(out, bc, ctx.base + "_bias")
+    if bc is None:
+        return B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base)
+    out = B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base + "_xw")
+    return B.shift_stacked(out, bc, ctx.base)
 
 
 def _add_any(ctx, s: Series, other):
@@ -761,8 +763,8 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
         ic = _cval(inp)
         if _is_series(m1) and m1[0] is not None and len(m1.nonzero()) >= 2 and alpha == 1 and beta == 1:  # x·W + b (GPT-2's Conv1D)
             other = _cval(m2)
-            s = B.stacked(m1, lambda c, name: B.call(aten.mm.default, (c, other), name=name), ctx.base, rows=True)
-            return B.shift_stacked(s, ic, ctx.base + "_bias")
+            s = B.stacked(m1, lambda c, name: B.call(aten.mm.default, (c, other), name=name), ctx.base + "_xw", rows=True)
+            return B.shift_stacked(s, ic, ctx.base)
         if _is_series(m1):
             other = _cval(m2)
             fn = lambda c, name: B.call(aten.mm.default, (c, other), name=name)  # noqa: E731
