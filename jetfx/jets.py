@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import check_order
-from .passes.batching import map_centers
+from .passes.batching import BatchedGraph
 
 
 def _derivatives(g: Callable[[torch.Tensor], torch.Tensor], t0: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -112,9 +112,10 @@ class Evaluate(torch.nn.Module):
     def __init__(self, region: torch.nn.Module):
         super().__init__()
         self.region = region
+        self.batched = BatchedGraph(region)
 
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
-        return map_centers(lambda x: self.region(x, *side), centers)
+        return self.batched(centers, *side)
 
 
 def jet_module(region: torch.nn.Module, k: int, method: str = "auto") -> torch.nn.Module:

@@ -39,7 +39,7 @@ from torch import fx
 
 from ..errors import ExpansionError, check_order
 from ._graph import aten
-from .batching import map_centers
+from .batching import BatchedGraph
 
 __all__ = ["TaylorJet", "taylor_graph_module", "RULES", "supported_ops"]
 
@@ -74,6 +74,22 @@ class _Unsupported(Exception):
     pass
 
 
+def stack_coefficients(cs):
+    """torch.stack of coefficients, broadcast to one shape first (a coefficient may be smaller
+    than the value it belongs to: c + x for a constant c keeps x's shape from c_1 on)."""
+    return torch.stack(torch.broadcast_tensors(*cs))
+
+
+def add_to_first(stack, value):
+    """`value` added to the first entry of a stack of coefficients only (c_0: a bias)."""
+    return torch.cat([(stack[0] + value).unsqueeze(0), stack[1:]])
+
+
+def cat_coefficient_rows(cs):
+    """The coefficients (2-D) broadcast to one shape and concatenated along the rows."""
+    return torch.cat(torch.broadcast_tensors(*cs))
+
+
 # --------------------------------------------------------------------------------------------
 # the builder: coefficient-level algebra that emits nodes
 
@@ -82,6 +98,21 @@ class Builder:
     def __init__(self, graph: fx.Graph, k: int):
         self.g = graph
         self.k = k
+        # series whose nonzero coefficients are also one stacked node (leading dimension), so
+        # that later linear ops can act on all of them in one call: coefficients → stack node
+        self.stacks: dict[tuple, fx.Node] = {}
+
+    def stack_of(self, a: Series):
+        return self.stacks.get(tuple(a.cs)) if isinstance(a, Series) else None
+
+    def from_stack(self, stack, js, length: int, base: str) -> Series:
+        """The series whose nonzero coefficients j in `js` are stack[i] (selects, unused ones
+        vanish with dead code), remembered as stacked."""
+        out: list = [None] * length
+        for i, j in enumerate(js):
+            out[j] = self.call(aten.select.int, (stack, 0, i), name=self.cname(base, j))
+        self.stacks[tuple(out)] = stack
+        return Series(out)
 
     # -- emitting
     def call(self, target, args, kwargs=None, name=None):
@@ -184,6 +215,29 @@ class Builder:
             else:
                 out.append(fn(c, name))
         return Series(out)
+
+    def stacked(self, a: Series, fn: Callable, base: str, rows: bool = False) -> Series:
+        """u_j ↦ fn(u_j) for an op that acts on the last dimensions only (linear on a constant
+        weight): one call on the nonzero coefficients stacked along a new leading dimension,
+        so the weight is read once for all of them instead of once per coefficient. `rows`: the
+        op takes 2-D inputs and acts row by row (mm on a constant): the coefficients are
+        concatenated along the rows instead, and the result split back."""
+        js = a.nonzero()
+        if len(js) < 2:
+            return self.linear(a, fn, base)
+        stack = self.stack_of(a)
+        if rows:
+            if stack is not None:
+                cat = self.call(aten.flatten.using_ints, (stack, 0, 1), name=base + "_stacked_in")
+            else:
+                cat = self.call(cat_coefficient_rows, ([a[j] for j in js],), name=base + "_stacked_in")
+            flat = fn(cat, base + "_stacked")
+            both = self.call(aten.unflatten.int, (flat, 0, [len(js), -1]), name=base + "_stacked")
+        else:
+            if stack is None:
+                stack = self.call(stack_coefficients, ([a[j] for j in js],), name=base + "_stacked_in")
+            both = fn(stack, base + "_stacked")
+        return self.from_stack(both, js, len(a.cs), base)
 
     def ode(self, u: Series, y0, g: Callable[[int, list], object], base: str) -> Series:
         """y with y' = g(y)·u': y_n = (1/n) Σ_{j=1..n} j u_j g_{n−j}.
@@ -324,6 +378,14 @@ class Builder:
             out.append(c)
         return Series(out)
 
+    def shift_stacked(self, a: Series, s, base: str) -> Series:
+        """`shift` that keeps a stacked series stacked (the bias of a linear layer on a stack)."""
+        stack = self.stack_of(a)
+        if stack is None:
+            return self.shift(a, s, base)
+        new = self.call(add_to_first, (stack, s), name=base + "_stacked")
+        return self.from_stack(new, a.nonzero(), len(a.cs), base)
+
     def shift(self, a: Series, s, base: str) -> Series:
         """a + s for a constant (node or scalar) s: only the zeroth coefficient changes."""
         c0 = self.call(aten.add.Tensor, (a[0], s), name=self.cname(base, 0))
@@ -383,7 +445,81 @@ def rule_linear_first(ctx: Ctx, node, args, kwargs):
     u = args[0]
     rest = tuple(_cval(a) for a in args[1:])
     kw = {key: _cval(v) for key, v in kwargs.items()}
+    stack = ctx.b.stack_of(u)
+    if stack is not None:
+        shifted = _on_stack_args(node.target, rest, kw, len(u.nonzero()))
+        if shifted is not None:
+            B = ctx.b
+            new = B.call(node.target, (stack, *shifted), kw, name=ctx.base + "_stacked")
+            if node.target.overloadpacket.__name__ not in _SPLITS:
+                return B.from_stack(new, u.nonzero(), len(u.cs), ctx.base)
+            # a tuple of stacks: each coefficient's tuple for ops that take it whole, and getitem
+            # takes a piece's stack directly (`rule_getitem`)
+            out: list = [None] * len(u.cs)
+            for i, j in enumerate(u.nonzero()):
+                out[j] = B.call(pieces_of, (new, i), name=B.cname(ctx.base, j))
+            B.stacks[("pieces", *out)] = new
+            return Series(out)
     return ctx.b.linear(u, lambda c, name: ctx.b.call(node.target, (c, *rest), kw, name=name), ctx.base)
+
+
+def _shift_dim(d):
+    """A dimension of one coefficient as a dimension of the stack (one more, leading)."""
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise _Unsupported
+    return d + 1 if d >= 0 else d
+
+
+# ops linear in their first argument that can act on a stack of coefficients: what becomes of
+# their other arguments (a leading dimension of size n added in front)
+_ON_STACK = {
+    "view": lambda n, shape: ([n, *shape],),
+    "_unsafe_view": lambda n, shape: ([n, *shape],),
+    "reshape": lambda n, shape: ([n, *shape],),
+    "expand": lambda n, sizes, *r: ([n, *sizes], *r),
+    "transpose": lambda n, d0, d1: (_shift_dim(d0), _shift_dim(d1)),
+    "permute": lambda n, dims: ([0, *(_shift_dim(d) for d in dims)],),
+    "slice": lambda n, dim=0, *r: (_shift_dim(dim), *r),
+    "select": lambda n, dim, i: (_shift_dim(dim), i),
+    "unsqueeze": lambda n, dim: (_shift_dim(dim),),
+    "neg": lambda n: (),
+    "clone": lambda n: (),
+    "contiguous": lambda n: (),
+    "alias": lambda n: (),
+    "_to_copy": lambda n: (),
+    "to": lambda n, *r: r if all(isinstance(a, (torch.dtype, bool)) or a is None for a in r) else _unsupported(),
+}
+
+
+_SPLITS = {"split", "split_with_sizes", "chunk"}
+_ON_STACK.update({
+    "split": lambda n, size, dim=0: (size, _shift_dim(dim)),
+    "split_with_sizes": lambda n, sizes, dim=0: (sizes, _shift_dim(dim)),
+    "chunk": lambda n, chunks, dim=0: (chunks, _shift_dim(dim)),
+})
+
+
+def pieces_of(stacked_pieces, i):
+    """Coefficient i of every piece of a split stack: the split of that coefficient."""
+    return tuple(p[i] for p in stacked_pieces)
+
+
+def _unsupported():
+    raise _Unsupported
+
+
+def _on_stack_args(target, rest, kw, n):
+    """The arguments after the first for `target` acting on a stack of n coefficients, or None."""
+    packet = getattr(target, "overloadpacket", None)
+    fn = _ON_STACK.get(getattr(packet, "__name__", None))
+    if fn is None or (kw and packet.__name__ not in ("_to_copy", "to", "clone")):
+        return None
+    if packet.__name__ in ("view", "_unsafe_view", "reshape", "expand") and not isinstance(rest[0], (list, tuple)):
+        return None
+    try:
+        return tuple(fn(n, *rest))
+    except (_Unsupported, TypeError):
+        return None
 
 
 def rule_linear_list(ctx: Ctx, node, args, kwargs):
@@ -391,6 +527,16 @@ def rule_linear_list(ctx: Ctx, node, args, kwargs):
     items = args[0]
     rest = tuple(_cval(a) for a in args[1:])
     kw = {key: _cval(v) for key, v in kwargs.items()}
+    stacks = [ctx.b.stack_of(a) for a in items]
+    if (node.target == aten.cat.default and not kw and items and all(st is not None for st in stacks)
+            and len({tuple(a.nonzero()) for a in items}) == 1):
+        try:
+            dim = _shift_dim(rest[0] if rest else 0)
+        except _Unsupported:
+            dim = None
+        if dim is not None:
+            new = ctx.b.call(aten.cat.default, (stacks, dim), name=ctx.base + "_stacked")
+            return ctx.b.from_stack(new, items[0].nonzero(), len(items[0].cs), ctx.base)
     out = []
     for j in range(ctx.k + 1):
         name = ctx.b.cname(ctx.base, j)
@@ -424,7 +570,12 @@ def rule_add(ctx: Ctx, node, args, kwargs, sign=1):
         c0 = B.call(node.target, (a[0], _cval(b)), {k_: _cval(v) for k_, v in kwargs.items()}, name=B.cname(ctx.base, 0))
         return Series([c0] + a.cs[1:])
     shape = _shape(node)
-    return B.add_series(a, b, ctx.base, alpha, expand_a=_shape(node.args[0]) != shape, expand_b=_shape(node.args[1]) != shape)
+    expand_a, expand_b = _shape(node.args[0]) != shape, _shape(node.args[1]) != shape
+    sa, sb = B.stack_of(a), B.stack_of(b)
+    if sa is not None and sb is not None and not (expand_a or expand_b) and shape is not None and a.nonzero() == b.nonzero():
+        new = B.call(aten.add.Tensor, (sa, sb), {"alpha": alpha} if alpha != 1 else {}, name=ctx.base + "_stacked")
+        return B.from_stack(new, a.nonzero(), len(a.cs), ctx.base)
+    return B.add_series(a, b, ctx.base, alpha, expand_a=expand_a, expand_b=expand_b)
 
 
 def _shape(n):
@@ -455,16 +606,92 @@ def _bilinear(ctx, node, a, b, rest=(), kw=None):
         return B.call(node.target, (x, y, *rest), kw, name=name)
 
     if _is_series(a) and _is_series(b):
+        if node.target in _BATCHABLE_PRODUCTS and not rest and not kw:
+            pairs = sum(1 for n in range(ctx.k + 1) for i in range(n + 1) if a[i] is not None and b[n - i] is not None)
+            if pairs >= 3:
+                return _cauchy_in_one_call(ctx, node.target, a, b)
         out = []
         for n in range(ctx.k + 1):
             name = B.cname(ctx.base, n)
             out.append(B.total([op(a[i], b[n - i], name) for i in range(n + 1) if a[i] is not None and b[n - i] is not None], name))
         return Series(out)
+    if not rest and not kw:
+        on_stack = _elementwise_on_stack(ctx, node, a, b)
+        if on_stack is not None:
+            return on_stack
     if _is_series(a):
         bc = _cval(b)
         return B.linear(a, lambda c, name: op(c, bc, name), ctx.base)
     ac = _cval(a)
     return B.linear(b, lambda c, name: op(ac, c, name), ctx.base)
+
+
+_ELEMENTWISE_LINEAR = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+
+
+def _rank(n):
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def _elementwise_on_stack(ctx, node, a, b):
+    """series·constant (or series/constant) in one op on the series' stack, when the constant
+    broadcasts over the trailing dimensions only (its rank at most the series'); else None."""
+    if node.target not in _ELEMENTWISE_LINEAR or (_is_series(b) and node.target in (aten.div.Tensor, aten.div.Scalar)):
+        return None
+    first = _is_series(a)
+    series, const = (a, _cval(b)) if first else (b, _cval(a))
+    stack = ctx.b.stack_of(series)
+    if stack is None:
+        return None
+    if isinstance(const, fx.Node):
+        rs, rc = _rank(node.args[0 if first else 1]), _rank(node.args[1 if first else 0])
+        if rs is None or rc is None or rc > rs:
+            return None
+    elif not isinstance(const, (int, float)) or isinstance(const, bool):
+        return None
+    new = ctx.b.call(node.target, (stack, const) if first else (const, stack), name=ctx.base + "_stacked")
+    return ctx.b.from_stack(new, series.nonzero(), len(series.cs), ctx.base)
+
+
+_BATCHABLE_PRODUCTS = {aten.matmul.default, aten.bmm.default}
+
+
+def cauchy_products(op, counts, lhs, rhs):
+    """Σ op(lhs[p], rhs[p]) over consecutive runs of `counts[n]` pairs, one sum per run.
+
+    When the operands all have the same rank (≥ 2), every product is taken in one batched matmul
+    over the stacked pairs (one dispatch, instead of one per pair); otherwise one op per pair.
+    """
+    ranks = {t.dim() for t in (*lhs, *rhs)}
+    if len(ranks) == 1 and min(ranks) >= 2:
+        prods = torch.matmul(stack_coefficients(lhs), stack_coefficients(rhs))
+        terms = prods.split(list(counts))
+        return tuple(t[0] if len(t) == 1 else t.sum(0) for t in terms)
+    out, p = [], 0
+    for c in counts:
+        acc = None
+        for q in range(p, p + c):
+            term = op(lhs[q], rhs[q])
+            acc = term if acc is None else acc + term
+        out.append(acc)
+        p += c
+    return tuple(out)
+
+
+def _cauchy_in_one_call(ctx, target, a: Series, b: Series) -> Series:
+    """(a·b)_n = Σ_i a_i b_{n−i} for a matrix product: every product a_i b_j (i + j ≤ k) in one
+    batched call over the stacked pairs (`cauchy_products`), instead of O(k²) dispatches."""
+    B = ctx.b
+    pairs = [(n, i) for n in range(ctx.k + 1) for i in range(n + 1) if a[i] is not None and b[n - i] is not None]
+    ns = sorted({n for n, _ in pairs})
+    counts = [sum(1 for m, _ in pairs if m == n) for n in ns]
+    both = B.call(cauchy_products, (target, counts, [a[i] for _, i in pairs], [b[n - i] for n, i in pairs]),
+                  name=ctx.base + "_products")
+    out: list = [None] * (ctx.k + 1)
+    for p, n in enumerate(ns):
+        out[n] = B.call(operator.getitem, (both, p), name=B.cname(ctx.base, n))
+    return Series(out)
 
 
 def rule_bilinear(ctx, node, args, kwargs):
@@ -486,6 +713,9 @@ def rule_div(ctx, node, args, kwargs):
     a, b = args[0], args[1]
     B = ctx.b
     if not _is_series(b):
+        on_stack = _elementwise_on_stack(ctx, node, a, b)
+        if on_stack is not None:
+            return on_stack
         bc = _cval(b)
         return B.linear(a, lambda c, name: B.call(node.target, (c, bc), name=name), ctx.base)
     if not _is_series(a):
@@ -509,7 +739,12 @@ def rule_linear(ctx, node, args, kwargs):  # linear(x, W, b)
     def c0(c, name):
         return B.call(aten.linear.default, (c, wc, bc) if bc is not None else (c, wc), name=name)
 
-    return B.linear(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base, c0=c0)
+    if len(x.nonzero()) < 2 or x[0] is None:
+        return B.linear(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base, c0=c0)
+    if bc is None:
+        return B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base)
+    out = B.stacked(x, lambda c, name: B.call(aten.linear.default, (c, wc), name=name), ctx.base + "_xw")
+    return B.shift_stacked(out, bc, ctx.base)
 
 
 def _add_any(ctx, s: Series, other):
@@ -526,6 +761,10 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
     B = ctx.b
     if not _is_series(inp) and not (_is_series(m1) and _is_series(m2)):
         ic = _cval(inp)
+        if _is_series(m1) and m1[0] is not None and len(m1.nonzero()) >= 2 and alpha == 1 and beta == 1:  # x·W + b (GPT-2's Conv1D)
+            other = _cval(m2)
+            s = B.stacked(m1, lambda c, name: B.call(aten.mm.default, (c, other), name=name), ctx.base + "_xw", rows=True)
+            return B.shift_stacked(s, ic, ctx.base)
         if _is_series(m1):
             other = _cval(m2)
             fn = lambda c, name: B.call(aten.mm.default, (c, other), name=name)  # noqa: E731
@@ -800,6 +1039,10 @@ def rule_sdpa(ctx, node, args, kwargs):
 def rule_getitem(ctx, node, args, kwargs):
     u, i = args
     B = ctx.b
+    pieces = B.stacks.get(("pieces", *u.cs))
+    if pieces is not None and isinstance(i, int):
+        piece = B.call(operator.getitem, (pieces, i), name=ctx.base + "_stacked")
+        return B.from_stack(piece, u.nonzero(), len(u.cs), ctx.base)
     return B.linear(u, lambda c, name: B.call(operator.getitem, (c, i), name=name), ctx.base)
 
 
@@ -1128,6 +1371,7 @@ class TaylorJet(torch.nn.Module):
         self.coefficients = coefficients
         gm, fallback = taylor_graph_module(region, self.k, strict=strict)
         self.graph_module = gm
+        self.batched = BatchedGraph(gm)  # gm over the centers: vmap, then a graph traced once
         self.fallback_ops = fallback
         if fallback:
             warnings.warn(
@@ -1138,14 +1382,7 @@ class TaylorJet(torch.nn.Module):
 
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side, coefficients: bool | None = None):
         coefficients = self.coefficients if coefficients is None else coefficients
-        gm = self.graph_module
-        if centers.shape[0] == 1:
-            cs = [c.unsqueeze(0) for c in gm(centers[0], variate, *side)]
-        else:
-            def one(x):
-                return tuple(gm(x, variate, *side))
-
-            cs = list(map_centers(one, centers))
+        cs = list(self.batched(centers, variate, *side))
         if coefficients:
             return torch.stack(cs)
         out = cs[0]

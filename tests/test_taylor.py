@@ -12,7 +12,7 @@ from torch import fx
 
 from jetfx.errors import ExpansionError
 from jetfx.jets import NestedJet, jet_coefficients
-from jetfx.passes.taylor import TaylorJet, taylor_graph_module
+from jetfx.passes.taylor import TaylorJet, stack_coefficients, taylor_graph_module
 
 aten = torch.ops.aten
 K_MAX = 4
@@ -62,6 +62,21 @@ MASK = _rand(3, 4, seed=7) > 0
 
 def _split_mul(parts):
     return aten.mul.Tensor(parts[0], parts[1])
+
+
+W8 = _rand(8, 4, seed=8)
+COS, SIN = _rand(3, 4, seed=9), _rand(3, 4, seed=10)
+
+
+def _rotary_chain(x):
+    """An attention head's shape work on a linear layer's output: view, transpose, rotate-half
+    (slice, neg, cat), mul by constants, add, split, and a matrix product of two pieces."""
+    h = aten.linear.default(aten.tanh.default(x), W8)
+    t = aten.transpose.int(aten.view.default(h, [3, 2, 4]), 0, 1)
+    rot = aten.cat.default([aten.neg.default(aten.slice.Tensor(t, 2, 2, 4)), aten.slice.Tensor(t, 2, 0, 2)], -1)
+    r = aten.add.Tensor(aten.mul.Tensor(t, COS), aten.mul.Tensor(rot, SIN))
+    pieces = aten.split.Tensor(r, 2, 2)
+    return aten.matmul.default(pieces[0], aten.transpose.int(pieces[1], 1, 2))
 
 
 UNARY = {
@@ -115,6 +130,7 @@ UNARY = {
     ),
     "index_select": lambda x: aten.index_select.default(aten.exp.default(x), 1, torch.tensor([2, 0])),
     "expand": lambda x: aten.expand.default(aten.unsqueeze.default(aten.exp.default(x), 0), [2, 3, 4]),
+    "stacked_rotary": _rotary_chain,
     "detach_clone": lambda x: aten.clone.default(aten.contiguous.default(aten.exp.default(x))),
 }
 
@@ -146,6 +162,29 @@ REFERENCES = {"layer_norm": _ln_ref, "rms_norm": _rms_ref}
 @pytest.mark.parametrize("name", sorted(UNARY))
 def test_rule_matches_nested_jvp(name):
     check_region(UNARY[name], X, Y, ref=REFERENCES.get(name))
+
+
+@pytest.mark.parametrize("name", sorted(UNARY) + sorted(POSITIVE))
+def test_traced_batched_graph_matches_nested_jvp(name):
+    """Calls after `trace` run the graph traced through vmap (BatchedGraph): it must be exactly as
+    good as the first (vmap) call, at several centers."""
+    f, x, y = (UNARY[name], X, Y) if name in UNARY else (POSITIVE[name], XP, YP)
+    ref = REFERENCES.get(name, f)
+    region = region_of(f, x)
+    centers = torch.stack([x, 0.5 * x + 0.25 * y])
+    want = torch.stack([torch.stack(jet_coefficients(ref, c, y, 3)) for c in centers.unbind(0)], 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Taylor-mode")
+        tj = TaylorJet(region, 3)
+    with torch.no_grad():
+        first = tj(centers, y, coefficients=True)
+        tj.batched.trace(centers, y)
+        second = tj(centers, y, coefficients=True)
+        third = tj(centers, y, coefficients=True)
+    assert [g is not None for g in tj.batched.graphs.values()] == [True]  # traced, and kept
+    scale = want.abs().max().clamp_min(1e-12)
+    for got in (first, second, third):
+        assert ((got - want).abs().max() / scale).item() < 1e-9
 
 
 @pytest.mark.parametrize("name", sorted(POSITIVE))
@@ -230,8 +269,28 @@ def test_structural_zeros_save_work():
     # linear ops on x: coefficient 2 and up are never computed
     region = region_of(lambda x: aten.linear.default(aten.linear.default(x, W[:4, :4].contiguous()), W), X)
     gm, _ = taylor_graph_module(region, 4)
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.linear.default]
+    # (c0, c1) per layer, stacked into one call that reads the weight once; c2..c4 are zeros_like
+    assert len(linears) == 2
+    assert linears[0].args[0].target is stack_coefficients and len(linears[0].args[0].args[0]) == 2
+    assert linears[1].args[0] is linears[0]  # the second layer takes the first one's stack of (c0, c1)
+
+
+def test_linear_ops_act_once_on_stacked_coefficients():
+    """After a linear layer the coefficients stay stacked: each view, transpose, slice, neg, cat,
+    mul by a constant, add and split is one node for all k + 1 coefficients, not k + 1 nodes;
+    the matrix product of two series is one batched matmul over its pairs."""
+    region = region_of(_rotary_chain, X)
+    gm, fallback = taylor_graph_module(region, 3)
+    assert not fallback
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(aten.linear.default) == 4  # (c0, c1) per layer; c2..c4 are zeros_like
+    for op, count in [(aten.linear.default, 1), (aten.view.default, 1), (aten.neg.default, 1), (aten.cat.default, 1),
+                      (aten.split.Tensor, 1), (aten.slice.Tensor, 2), (aten.transpose.int, 2), (aten.matmul.default, 0)]:
+        assert targets.count(op) == count, (op, targets.count(op), gm.code)
+    tanh_gm, _ = taylor_graph_module(region_of(UNARY["tanh"], X), 3)
+    tanh_muls = [n.target for n in tanh_gm.graph.nodes].count(aten.mul.Tensor)
+    assert targets.count(aten.mul.Tensor) == tanh_muls + 2  # tanh's recurrence, then two on the stack
+    check_region(_rotary_chain, X, Y)
 
 
 @settings(max_examples=15, deadline=None)

@@ -1,17 +1,25 @@
 """Benchmark Taylor-mode jets against nested forward AD and the double-backward trick.
 
-    .venv/bin/python tools/bench_jets.py [--quick] [--threads 1]
+    .venv/bin/python tools/bench_jets.py [--threads 1] [--reps 5] [--quick] [--lens]
 
-Prints JSON. For SmolLM2-135M and a random-init GPT-2 (small sizes; 12 layers, 2 with --quick):
+Prints JSON on stdout and a summary table on stderr. For SmolLM2-135M and a random-init GPT-2
+(small sizes; 12 layers, 2 with --quick), at the first attention and the first MLP block:
 
-- block: one attention and one MLP block, N centers (default 2), batch 1, 9 tokens; for k = 1..4
-  the time of J^k by Taylor mode, nested jvp (`NestedJet`) and double backward
+- block: N centers (default 2), batch 1, `--tokens` tokens (default 9); for k = 1..4 the time of
+  J^k by Taylor mode, nested jvp (`NestedJet`) and double backward
   (`jet_coefficients_double_backward`, one center at a time), as ratios to a forward pass of the
   block at the same N centers (`x_forward`, the k = 0 jet) and at one center (`x_forward1`);
-- lens: an iterative jet lens over all layers: J^k of every block at its stream input, evaluated at
-  input + small delta, one center each; Taylor and nested as ratios to one forward of the model.
+- sizes: the Taylor ratio `x_forward1` for k = 1, 2, 4 at 8, 64 and 512 tokens (`--sizes`), so the
+  per-op overhead of small inputs is visible;
+- summary: every `x_forward1` against the targets (k = 1 ≤ 3×, k = 2 ≤ 5×, k = 4 ≤ 12×);
+- lens (with --lens): an iterative jet lens over all layers: J^k of every block at its stream
+  input, evaluated at input + small delta, one center each; as ratios to one forward of the model.
 
-Times are medians of repeats, under `torch.no_grad()` (double backward enables grad itself).
+Every figure is the median of at least `--reps` timed calls (default 5) after two warm-up calls,
+under `torch.no_grad()` (double backward enables grad itself); the batched graphs of the jets and
+of the N-center forward are traced first (`BatchedGraph.trace`: the steady state of repeated
+calls; `first_call_s` and `trace_s` report the one-off costs). Wall-clock times: run it on a
+quiet machine.
 """
 
 from __future__ import annotations
@@ -19,80 +27,114 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 
 import torch
 
+TARGETS = {1: 3.0, 2: 5.0, 4: 12.0}  # Taylor jet at 2 centers / one single-center forward
 
-def timeit(fn, min_time=0.3, max_reps=50, min_reps=3):
-    fn()  # warm-up
+
+def timeit(fn, reps=5, min_time=0.2, max_reps=50):
+    """Median wall time of at least `reps` calls (more while under `min_time`), after 2 warm-ups."""
+    fn()
+    fn()
     times = []
     start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
+    while len(times) < reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def bench_model(name, model, ids, ks, n_centers, quick, with_lens=True):
-    import jetfx
+def _block_inputs(gm, ids, b, n_centers, gen):
     from jetfx.functions import block_region, capture
+
+    region = block_region(gm, b)
+    vals = capture(gm, ids, [b.input, *region.side_inputs])
+    x = vals[b.input]
+    side = [vals[s] for s in region.side_inputs]
+    noise = torch.randn((n_centers - 1, *x.shape), generator=gen, dtype=x.dtype) * x.std() * 0.1
+    centers = torch.cat([x.unsqueeze(0) * 0.5, x.unsqueeze(0) + noise])[:n_centers]
+    return region, x, side, centers
+
+
+def _picks(gm):
+    picks = {}
+    for b in gm.residual.blocks:
+        picks.setdefault(b.kind, b)
+    return picks
+
+
+def bench_blocks(gm, ids, ks, n_centers, reps, quick, compare=True):
+    """Per block kind: forward times and, per k, the Taylor jet's time and ratios (traced `gm`, inputs `ids`)."""
     from jetfx.jets import Evaluate, NestedJet, jet_coefficients_double_backward
     from jetfx.passes.taylor import TaylorJet
 
-    gm = jetfx.trace(model, ids)
-    blocks = gm.residual.blocks
-    result = {"model": name, "layers": len({b.step for b in blocks}), "blocks": len(blocks), "tokens": ids.shape[1],
-              "centers": n_centers, "block": {}, "lens": {}}
-    picks = {}
-    for b in blocks:
-        picks.setdefault(b.kind, b)
     gen = torch.Generator().manual_seed(0)
-    mt = 0.15 if quick else 0.4
-    for kind, b in picks.items():
-        region = block_region(gm, b)
-        vals = capture(gm, ids, [b.input, *region.side_inputs])
-        x = vals[b.input]
-        side = [vals[s] for s in region.side_inputs]
-        noise = torch.randn((n_centers - 1, *x.shape), generator=gen, dtype=x.dtype) * x.std() * 0.1
-        centers = torch.cat([x.unsqueeze(0) * 0.5, x.unsqueeze(0) + noise])[:n_centers]
+    mt = 0.05 if quick else 0.2
+    out = {}
+    for kind, b in _picks(gm).items():
+        region, x, side, centers = _block_inputs(gm, ids, b, n_centers, gen)
         with torch.no_grad():
-            t_fwd1 = timeit(lambda: region.module(x, *side), mt)
+            t_fwd1 = timeit(lambda: region.module(x, *side), reps, mt)
             ev = Evaluate(region.module)
-            t_fwd = timeit(lambda: ev(centers, x, *side), mt)
-        entry = {"block": b.name, "forward_ms": t_fwd * 1e3, "forward1_ms": t_fwd1 * 1e3}
+            ev.batched.trace(centers, *side)
+            t_fwd = timeit(lambda: ev(centers, x, *side), reps, mt)
+        entry = {"block": b.name, "forward_ms": round(t_fwd * 1e3, 3), "forward1_ms": round(t_fwd1 * 1e3, 3)}
         for k in ks:
             t0 = time.perf_counter()
             tj = TaylorJet(region.module, k)
             compile_s = time.perf_counter() - t0
-            nj = NestedJet(region.module, k)
             with torch.no_grad():
-                t_taylor = timeit(lambda: tj(centers, x, *side), mt)
-                t_nested = timeit(lambda: nj(centers, x, *side), mt, max_reps=10)
-                err = float((tj(centers, x, *side) - nj(centers, x, *side)).abs().max())
-
-            def dbl():
-                for c in centers.unbind(0):
-                    jet_coefficients_double_backward(lambda z: region.module(z, *side), c, x, k)
-
-            t_dbl = timeit(dbl, mt, max_reps=10)
-            entry[f"k{k}"] = {
+                t0 = time.perf_counter()
+                tj(centers, x, *side)
+                first_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                tj.batched.trace(centers, x, *side)  # what repeated calls would do after a while
+                trace_s = time.perf_counter() - t0
+                t_taylor = timeit(lambda: tj(centers, x, *side), reps, mt)
+            e = {
                 "taylor_ms": round(t_taylor * 1e3, 3),
                 "x_forward": round(t_taylor / t_fwd, 2),
                 "x_forward1": round(t_taylor / t_fwd1, 2),
-                "nested_ms": round(t_nested * 1e3, 3),
-                "nested_over_taylor": round(t_nested / t_taylor, 2),
-                "double_backward_ms": round(t_dbl * 1e3, 3),
-                "double_backward_over_taylor": round(t_dbl / t_taylor, 2),
-                "max_abs_diff_vs_nested": err,
                 "compile_s": round(compile_s, 3),
+                "first_call_s": round(first_s, 3),
+                "trace_s": round(trace_s, 3),
             }
-        result["block"][kind] = entry
-    if not with_lens:
-        return result
-    # iterative jet lens over all layers: J^k γ_b(h_s)(h_s + δ) for every block
+            if compare:
+                nj = NestedJet(region.module, k)
+                with torch.no_grad():
+                    t_nested = timeit(lambda: nj(centers, x, *side), reps, mt, max_reps=reps)
+                    e["max_abs_diff_vs_nested"] = float((tj(centers, x, *side) - nj(centers, x, *side)).abs().max())
+
+                def dbl():
+                    for c in centers.unbind(0):
+                        jet_coefficients_double_backward(lambda z: region.module(z, *side), c, x, k)
+
+                t_dbl = timeit(dbl, reps, mt, max_reps=reps)
+                e.update({
+                    "nested_ms": round(t_nested * 1e3, 3),
+                    "nested_over_taylor": round(t_nested / t_taylor, 2),
+                    "double_backward_ms": round(t_dbl * 1e3, 3),
+                    "double_backward_over_taylor": round(t_dbl / t_taylor, 2),
+                })
+            entry[f"k{k}"] = e
+        out[kind] = entry
+    return out
+
+
+def bench_lens(gm, ids, ks, reps, quick):
+    """Iterative jet lens over all layers: J^k γ_b(h_s)(h_s + δ) for every block."""
+    from jetfx.functions import block_region, capture
+    from jetfx.jets import NestedJet
+    from jetfx.passes.taylor import TaylorJet
+
+    gen = torch.Generator().manual_seed(1)
+    mt = 0.05 if quick else 0.2
+    blocks = gm.residual.blocks
     regions = [block_region(gm, b) for b in blocks]
     names = [n for b, r in zip(blocks, regions) for n in (b.input, *r.side_inputs)]
     vals = capture(gm, ids, names)
@@ -101,16 +143,17 @@ def bench_model(name, model, ids, ks, n_centers, quick, with_lens=True):
         x = vals[b.input]
         inputs.append((x.unsqueeze(0), x + 0.01 * x.std() * torch.randn(x.shape, generator=gen, dtype=x.dtype),
                        [vals[s] for s in r.side_inputs]))
+    result = {}
     with torch.no_grad():
-        t_model = timeit(lambda: gm(ids), mt)
-    result["lens"]["model_forward_ms"] = round(t_model * 1e3, 3)
+        t_model = timeit(lambda: gm(ids), reps, mt)
+    result["model_forward_ms"] = round(t_model * 1e3, 3)
     for k in ks:
         tjs = [TaylorJet(r.module, k) for r in regions]
         njs = [NestedJet(r.module, k) for r in regions]
         with torch.no_grad():
-            t_taylor = timeit(lambda: [tj(c, y, *s) for tj, (c, y, s) in zip(tjs, inputs)], mt, max_reps=20)
-            t_nested = timeit(lambda: [nj(c, y, *s) for nj, (c, y, s) in zip(njs, inputs)], mt, max_reps=5, min_reps=2)
-        result["lens"][f"k{k}"] = {
+            t_taylor = timeit(lambda: [tj(c, y, *s) for tj, (c, y, s) in zip(tjs, inputs)], reps, mt, max_reps=reps)
+            t_nested = timeit(lambda: [nj(c, y, *s) for nj, (c, y, s) in zip(njs, inputs)], reps, mt, max_reps=reps)
+        result[f"k{k}"] = {
             "taylor_ms": round(t_taylor * 1e3, 3),
             "x_model_forward": round(t_taylor / t_model, 2),
             "nested_ms": round(t_nested * 1e3, 3),
@@ -119,14 +162,34 @@ def bench_model(name, model, ids, ks, n_centers, quick, with_lens=True):
     return result
 
 
+def summary(results):
+    """One row per (model, tokens, block, k) with a target: the ratio and whether it is met."""
+    rows = []
+    for r in results:
+        for label, blocks in [(r["tokens"], r["block"])] + [(int(t), v) for t, v in r.get("sizes", {}).items()]:
+            for kind, entry in blocks.items():
+                for k, target in TARGETS.items():
+                    e = entry.get(f"k{k}")
+                    if e is None:
+                        continue
+                    rows.append({"model": r["model"], "tokens": label, "block": entry["block"], "k": k,
+                                 "x_forward1": e["x_forward1"], "target": target, "met": e["x_forward1"] <= target})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2-layer GPT-2, shorter timing loops")
+    p.add_argument("--quick", action="store_true", help="2-layer GPT-2, shorter timing loops, no size sweep")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for stable timings)")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per figure, at least (the median is reported)")
     p.add_argument("--centers", type=int, default=2)
     p.add_argument("--tokens", type=int, default=9)
+    p.add_argument("--sizes", type=int, nargs="*", default=[8, 64, 512], help="token counts for the size sweep")
+    p.add_argument("--lens", action="store_true", help="also time an iterative jet lens over all layers")
     p.add_argument("--no-smollm", action="store_true")
     args = p.parse_args(argv)
+    if args.reps < 5:
+        p.error("--reps must be at least 5 (figures are medians of at least 5 calls)")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import transformers
@@ -134,18 +197,44 @@ def main(argv=None):
     import jetfx
 
     ks = [1, 2, 3, 4]
-    out = {"torch": torch.__version__, "threads": args.threads, "device": "cpu", "quick": args.quick, "results": []}
+    started = time.perf_counter()
+    out = {"torch": torch.__version__, "threads": args.threads, "device": "cpu", "quick": args.quick,
+           "reps": args.reps, "results": []}
     gen = torch.Generator().manual_seed(0)
+    models = []
     if not args.no_smollm:
-        model, tok = jetfx.load("smollm2-135m")
-        ids = torch.randint(0, 1000, (1, args.tokens), generator=gen)
-        out["results"].append(bench_model("smollm2-135m", model.eval(), ids, ks, args.centers, args.quick))
+        model, _ = jetfx.load("smollm2-135m")
+        models.append(("smollm2-135m", model.eval(), 1000))
     cfg = transformers.GPT2Config(n_layer=2 if args.quick else 12)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), generator=gen)
-    out["results"].append(bench_model(f"gpt2-random-{cfg.n_layer}l", model, ids, ks, args.centers, args.quick))
+    models.append((f"gpt2-random-{cfg.n_layer}l", transformers.GPT2LMHeadModel(cfg).eval(), cfg.vocab_size))
+    for name, model, vocab in models:
+        ids = torch.randint(0, vocab, (1, args.tokens), generator=gen)
+        gm = jetfx.trace(model, ids)  # dynamic batch and length: the size sweep reuses it
+        blocks = bench_blocks(gm, ids, ks, args.centers, args.reps, args.quick)
+        result = {"model": name, "layers": len({b.step for b in gm.residual.blocks}), "blocks": len(gm.residual.blocks),
+                  "tokens": args.tokens, "centers": args.centers, "block": blocks, "sizes": {}}
+        for n_tok in ([] if args.quick else args.sizes):
+            ids_n = torch.randint(0, vocab, (1, n_tok), generator=gen)
+            sized = bench_blocks(gm, ids_n, sorted(TARGETS), args.centers, args.reps, args.quick, compare=False)
+            result["sizes"][str(n_tok)] = {
+                kind: {"block": e["block"], "forward1_ms": e["forward1_ms"],
+                       **{key: {"taylor_ms": v["taylor_ms"], "x_forward1": v["x_forward1"]} for key, v in e.items() if key.startswith("k")}}
+                for kind, e in sized.items()}
+        if args.lens:
+            result["lens"] = bench_lens(gm, ids, ks, args.reps, args.quick)
+        out["results"].append(result)
+    out["summary"] = summary(out["results"])
+    out["all_targets_met"] = all(row["met"] for row in out["summary"] if row["tokens"] == args.tokens)
+    out["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=1))
+    print(f"threads={args.threads} reps={args.reps} centers={args.centers}: Taylor jet / one single-center forward",
+          file=sys.stderr)
+    for row in out["summary"]:
+        flag = "ok" if row["met"] else ("MISSED" if row["tokens"] == args.tokens else "over (size sweep)")
+        print(f"  {row['model']:<18} {row['tokens']:>4} tok  {row['block']:<22} k={row['k']}  "
+              f"{row['x_forward1']:6.2f}x  (target {row['target']:g}x)  {flag}", file=sys.stderr)
+    print(f"all targets met at {args.tokens} tokens: {out['all_targets_met']}  ({out['wall_s']} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":
