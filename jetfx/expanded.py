@@ -45,19 +45,47 @@ class ExpandedModule(fx.GraphModule):
     returns the plain tuple (stacked path logits, remainder, logits). It moves with `.to()`,
     prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
     `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic plan), `ex.k`.
+
+    Jet weights are buffers, one vector per site (`ex.jet_weights`: {"step1": …, "decoder": …});
+    `ex(tokens, weights={...})` runs with other weights (differentiably), `ex.set_jet_weights`
+    keeps them (see `jetfx.weights`).
     """
 
     path_names: tuple[str, ...]
+    weight_sites: tuple = ()
 
-    def __call__(self, tokens, *args, **kwargs):
+    def __call__(self, tokens, *args, weights: dict | None = None, **kwargs):
         if not isinstance(tokens, torch.Tensor):
             from .tracing import as_tokens
 
             tokens = as_tokens(tokens, getattr(self, "tokenizer", None))
+        if weights is not None:
+            from .weights import weight_overrides
+
+            overrides = weight_overrides(self, weights)
+            return torch.func.functional_call(self, overrides, (tokens, *args), kwargs, strict=False)
         raw = super().__call__(tokens, *args, **kwargs)
         if not isinstance(raw, tuple) or len(raw) != 3:
             raise InputError("the expanded module returned an unexpected value (was its graph edited?)")
         return ExpansionOutput(self.path_names, *raw)
+
+    @property
+    def jet_weights(self) -> dict[str, torch.Tensor]:
+        """{site: weights} ("step1", …, "decoder"), one per center of the site; see `jetfx.weights`."""
+        return {site.name: self.get_buffer(site.target) for site in self.weight_sites}
+
+    def set_jet_weights(self, weights: dict, constraint: str = "simplex") -> None:
+        """Keep these weights ({site: tensor or numbers}): a tensor is kept as it is, so when it requires
+        grad, gradients of later outputs reach it. Checked against `constraint` ("simplex"/"affine")."""
+        from .weights import weight_overrides
+
+        for target, value in weight_overrides(self, weights, constraint).items():
+            old = self.get_buffer(target)
+            if isinstance(value, torch.Tensor) and value.device != old.device:
+                raise InputError(f"weights for {target!r} are on {value.device}, the module on {old.device}")
+            owner, _, leaf = target.rpartition(".")
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=old.dtype)
+            self.get_submodule(owner).register_buffer(leaf, value)
 
     def symbolic(self, **kw):
         """The expansion as a sympy expression (see jetfx.symbolic.symbolic_view)."""

@@ -40,18 +40,22 @@ def _derivatives(g: Callable[[torch.Tensor], torch.Tensor], t0: torch.Tensor, k:
     return make(k)(t0)
 
 
-def jet_coefficients(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """Normalized Taylor coefficients c_0…c_k of t ↦ f(x + t(y − x)) at t = 0 (nested jvp)."""
+def jet_coefficients(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, k: int,
+                     recenter: bool = True) -> list[torch.Tensor]:
+    """Normalized Taylor coefficients c_0…c_k of t ↦ f(x + t(y − x)) at t = 0 (nested jvp);
+    with `recenter=False` of t ↦ f(x + t·y): the variate is the direction."""
     k = check_order(k)
-    v = y - x
+    v = y - x if recenter else y
     t0 = torch.zeros((), dtype=x.dtype, device=x.device)
     derivs = _derivatives(lambda t: f(x + t * v), t0, k)
     return [d / math.factorial(j) for j, d in enumerate(derivs)]
 
 
-def jet(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """J^k f(x)(y): the k-th order Taylor polynomial of f at x, evaluated at y."""
-    return sum(jet_coefficients(f, x, y, k))
+def jet(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, k: int,
+        recenter: bool = True) -> torch.Tensor:
+    """J^k f(x)(y): the k-th order Taylor polynomial of f at x, evaluated at y (`recenter=False`:
+    at x + y, i.e. the polynomial in the direction y, expanded around y = 0)."""
+    return sum(jet_coefficients(f, x, y, k, recenter))
 
 
 def jet_coefficients_double_backward(f, x: torch.Tensor, y: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -83,18 +87,19 @@ class NestedJet(torch.nn.Module):
     `coefficients=True`, the coefficients stacked as (k+1, N, …).
     """
 
-    def __init__(self, region: torch.nn.Module, k: int, coefficients: bool = False):
+    def __init__(self, region: torch.nn.Module, k: int, coefficients: bool = False, recenter: bool = True):
         super().__init__()
         self.region = region
         self.k = check_order(k)
         self.coefficients = coefficients
+        self.recenter = recenter
 
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
         def f(x):
             return self.region(x, *side)
 
         def one(x):
-            cs = jet_coefficients(f, x, variate, self.k)
+            cs = jet_coefficients(f, x, variate, self.k, self.recenter)
             return torch.stack(cs) if self.coefficients else sum(cs)
 
         # a loop, not vmap: nested forward AD under vmap has gaps (silu_backward has no
@@ -116,21 +121,25 @@ class Evaluate(torch.nn.Module):
         return torch.func.vmap(lambda x: self.region(x, *side))(centers)
 
 
-def jet_module(region: torch.nn.Module, k: int, method: str = "auto") -> torch.nn.Module:
+def jet_module(region: torch.nn.Module, k: int, method: str = "auto", recenter: bool = True) -> torch.nn.Module:
     """A module computing J^k f at a batch of centers: forward(centers, variate, *side).
 
     `method`: "taylor" (the Taylor-mode compiler pass), "nested" (nested forward AD, the
-    reference) or "auto" (Taylor mode when available). Built once per region, order and method
-    (compiling the Taylor graph is not free) and kept on the region module.
+    reference) or "auto" (Taylor mode when available). `recenter=False`: the variate is the
+    direction (jets of t ↦ f(x_i + t·y), the expansion of y ↦ f(x_i + y) around the origin).
+    Built once per region, order, method and centering (compiling the Taylor graph is not free)
+    and kept on the region module.
     """
     k = check_order(k)
+    recenter = bool(recenter) or k == 0  # J^0 f(x) = f(x) either way
     cache = region.__dict__.setdefault("_jetfx_jet_modules", {})
-    if (k, method) not in cache:
-        cache[(k, method)] = _build_jet_module(region, k, method)
-    return cache[(k, method)]
+    key = (k, method) if recenter else (k, method, "origin")
+    if key not in cache:
+        cache[key] = _build_jet_module(region, k, method, recenter)
+    return cache[key]
 
 
-def _build_jet_module(region: torch.nn.Module, k: int, method: str) -> torch.nn.Module:
+def _build_jet_module(region: torch.nn.Module, k: int, method: str, recenter: bool = True) -> torch.nn.Module:
     if k == 0:
         return Evaluate(region)
     if method in ("auto", "taylor"):
@@ -140,9 +149,9 @@ def _build_jet_module(region: torch.nn.Module, k: int, method: str) -> torch.nn.
             if method == "taylor":
                 raise
         else:
-            return TaylorJet(region, k)
+            return TaylorJet(region, k, direction=not recenter)
     if method in ("auto", "nested"):
-        return NestedJet(region, k)
+        return NestedJet(region, k, recenter=recenter)
     from .errors import ExpansionError
 
     raise ExpansionError(f"unknown jet method {method!r}: use 'auto', 'taylor' or 'nested'")
