@@ -258,26 +258,24 @@ class _Objective:
     """The compiled expansion's decoder terms, split into a cached prefix and a differentiable suffix."""
 
     def __init__(self, ex):
-        from .passes.materialize import compile_fit_graph
+        from .functions import unembedding_gram
+        from .passes.materialize import fit_graph
         from .passes.partial import split_at_attributes
 
         cache = ex.__dict__.setdefault("_jetfx_fit", {})
-        if "graph" not in cache:
-            graph, dspace = compile_fit_graph(ex.source, ex.terms, jets=getattr(ex, "jets_method", "auto"))
-            graph.to(_device_of(ex))
-            names = [s.name for s in graph.weight_sites]
-            if names != [s.name for s in ex.weight_sites]:
+        device = _device_of(ex)
+        if cache.get("device") != device:
+            fg = fit_graph(ex.source, ex.terms, jets=getattr(ex, "jets_method", "auto"))
+            if [s.name for s in fg.weight_sites] != [s.name for s in ex.weight_sites]:
                 raise ExpansionError("internal: the fit graph's weight sites differ from the module's")
-            targets = [s.target for s in graph.weight_sites]
-            prefix, suffix, _ = split_at_attributes(graph, targets)
-            gram = None
-            if dspace:
-                from .functions import split_decoder
-
-                U = split_decoder(ex.source).unembedding.to(_device_of(ex)).double()
-                gram = U.t() @ U
-            cache["graph"] = (graph, prefix, suffix, targets, gram, dspace)
-        self.graph, self.prefix, self.suffix, self.targets, self.gram, self.dspace = cache["graph"]
+            targets = [s.target for s in fg.weight_sites]
+            prefix, suffix, _ = split_at_attributes(fg.attrs, fg.graph, targets)
+            prefix.to(device)
+            suffix.to(device)
+            gram = unembedding_gram(ex.source) if fg.dspace else None
+            cache.update(device=device, parts=(prefix, suffix, targets, gram.to(device) if gram is not None else None,
+                                               fg.dspace))
+        self.prefix, self.suffix, self.targets, self.gram, self.dspace = cache["parts"]
         self.ex = ex
 
     def frontier(self, ids: torch.Tensor):
@@ -380,6 +378,8 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
     best = [math.inf, theta.detach().clone()]
 
     def closure():
+        if len(curve) >= max_evals:
+            raise _Budget
         opt.zero_grad()
         loss = loss_at({**fixed, **param.weights(theta)})
         value = float(loss.detach())
@@ -396,7 +396,10 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_evals, max_eval=max_evals, history_size=20,
                             tolerance_grad=1e-12, tolerance_change=tolerance * max(start, 1e-30),
                             line_search_fn="strong_wolfe")
-    opt.step(closure)
+    try:
+        opt.step(closure)
+    except _Budget:  # the line search would have gone on: the best point so far is kept
+        pass
     optimize_seconds = time.perf_counter() - t1
     initial = curve[0] if curve else before
     with torch.no_grad():
@@ -407,12 +410,17 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
                     prefix_seconds=prefix_seconds, optimize_seconds=optimize_seconds,
                     metric="UᵀU (d-space)" if objective.dspace else "euclidean (logits)", curve=curve)
     ex.weight_fit = fit
-    if best[0] > 0.5 and initial >= 0.999 and best[0] >= initial * 0.999 and constraint == "simplex":
+    if constraint == "simplex" and best[0] > 0.9:
         warnings.warn(
-            f"the fitted paths carry almost none of the logits (relative remainder {best[0]:.3g}): on the simplex the "
-            "weights of a path multiply along its steps (at k = 0 its identity terms are weighted too), so deep paths "
-            "vanish whatever the weights; constraint='affine' lets every compiled term keep its scale", stacklevel=2)
+            f"the fitted paths leave {best[0]:.3g} of the logits' squared norm in the remainder: on the simplex a path's "
+            "weights multiply along its steps (at k = 0 its identity terms are weighted too), so the terms of deep "
+            "paths vanish whatever the weights; constraint='affine' lets every compiled term keep its scale "
+            "(docs/weights.md)", stacklevel=2)
     return fit
+
+
+class _Budget(Exception):
+    """The evaluation budget is spent."""
 
 
 def _warm_decoder(objective: "_Objective", param: _Parameterization, theta: torch.Tensor, fixed, cached) -> torch.Tensor:

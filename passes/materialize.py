@@ -21,6 +21,7 @@ flow from the module's outputs to it.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -312,13 +313,23 @@ def compile_terms(gm: fx.GraphModule, terms: Terms, remainder: Terms | None = No
     return module
 
 
-def compile_fit_graph(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto") -> tuple[fx.GraphModule, bool]:
+@dataclass
+class FitGraph:
+    """The decoder terms of an expansion as a graph `tokens → (stacked, target)` (see `fit_graph`)."""
+
+    attrs: dict
+    graph: fx.Graph
+    weight_sites: tuple
+    dspace: bool  # stacked and target are d-space vectors (else logits)
+
+
+def fit_graph(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto") -> FitGraph:
     """The decoder terms of an expansion where their weights are fitted: tokens → (stacked, target).
 
     When the decoder ends in a linear unembedding U, jets are taken of its norm alone and
     `stacked` (N, B, T, d), `target` = γ_{L+1}(h_L) are d-space vectors: ‖U·(target − Σ stacked)‖ is
-    the logits' remainder, computed with UᵀU (Remark 3). Otherwise both are logits. Returns the
-    module (with `weight_sites`) and whether it is in d-space.
+    the logits' remainder, computed with UᵀU (Remark 3). Otherwise both are logits. Not made into a
+    module here: `jetfx.passes.partial` splits it first.
     """
     if not isinstance(terms, Terms) or terms.space != LOGITS:
         raise ExpansionError("jet weights are fitted on terms expanded at the decoder")
@@ -327,9 +338,7 @@ def compile_fit_graph(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto") -
     stacked = low.lower(terms)
     target = low.env[residual_of(gm).decoder.norm_output if split is not None else logits_node(gm)]
     low.graph.output((stacked, target))
-    module = fx.GraphModule(low.attrs, low.graph, class_name="FitGraph")
-    module.weight_sites = low.finish_sites(terms)
-    return module, split is not None
+    return FitGraph(low.attrs, low.graph, low.finish_sites(terms), split is not None)
 
 
 def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", path_graph: PathGraph | None = None,

@@ -1,6 +1,6 @@
 """Partial evaluation: split a graph into what does and what does not depend on some of its attributes.
 
-`split_at_attributes(gm, targets)` returns two GraphModules:
+`split_at_attributes(root, graph, targets)` returns two GraphModules:
 
 - `prefix(*inputs)` computes every value that does not depend on the attributes `targets` and that
   the rest of the graph reads (the *frontier*), once;
@@ -19,15 +19,15 @@ from torch import fx
 __all__ = ["split_at_attributes"]
 
 
-def split_at_attributes(gm: fx.GraphModule, targets) -> tuple[fx.GraphModule, fx.GraphModule, int]:
-    """(prefix, suffix, number of frontier values) for the attributes `targets` of `gm`.
+def split_at_attributes(root, graph: fx.Graph, targets) -> tuple[fx.GraphModule, fx.GraphModule, int]:
+    """(prefix, suffix, number of frontier values) of `graph` for its attributes `targets`.
 
-    A node depends on the attributes when one of its inputs does (get_attr nodes of `targets` are
-    the sources). The suffix's inputs are the attributes, in the order of `targets`, then the
-    frontier values, in the order the prefix returns them.
+    `root` holds the attributes (a module, or a dict as for `fx.GraphModule`). A node depends on the
+    attributes when one of its inputs does (get_attr nodes of `targets` are the sources). The
+    suffix's inputs are the attributes, in the order of `targets`, then the frontier values, in the
+    order the prefix returns them.
     """
     targets = list(targets)
-    graph = gm.graph
     sources = {t: [n for n in graph.nodes if n.op == "get_attr" and n.target == t] for t in targets}
     missing = [t for t, ns in sources.items() if not ns]
     if missing:
@@ -56,7 +56,7 @@ def split_at_attributes(gm: fx.GraphModule, targets) -> tuple[fx.GraphModule, fx
         if node.op == "output":
             prefix_graph.erase_node(node)
     prefix_graph.output(tuple(env[n] for n in frontier))
-    prefix = fx.GraphModule(gm, prefix_graph, class_name="Prefix")
+    prefix = fx.GraphModule(root, prefix_graph, class_name="Prefix")
     prefix.graph.eliminate_dead_code()
     prefix.recompile()
 
@@ -79,7 +79,7 @@ def split_at_attributes(gm: fx.GraphModule, targets) -> tuple[fx.GraphModule, fx
             senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
         elif node.op == "output":
             suffix_graph.output(fx.node.map_arg(node.args[0], lambda a: senv[a]))
-    suffix = fx.GraphModule(gm, suffix_graph, class_name="Suffix")
+    suffix = fx.GraphModule(root, suffix_graph, class_name="Suffix")
     return prefix, suffix, len(frontier)
 
 
