@@ -81,7 +81,14 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
                    and getattr(n.args[0], "name", None) == d.norm_output and len(n.args) > 1
                    and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
                    and n.args[1].target == d.unembedding]
-        if applies:
+        if applies and d.norm_output == d.input:  # no norm: U reads the last stream node itself
+            weight = fetch_attr(gm, d.unembedding).detach()
+            if "linear" not in str(applies[0].target):
+                weight = weight.t()
+            graph = fx.Graph()
+            graph.output(graph.placeholder("x"))
+            result = DecoderSplit(Region(fx.GraphModule(gm, graph, class_name="Region"), d.input, (), d.norm_output), weight)
+        elif applies:
             weight = fetch_attr(gm, d.unembedding).detach()
             if "linear" not in str(applies[0].target):
                 weight = weight.t()

@@ -237,6 +237,7 @@ class WeightFit:
     initial_loss: float  # the optimizer's starting point (see _Parameterization.initial)
     loss: float  # after the fit
     evaluations: int
+    setup_seconds: float  # building the fit's graphs (once per module) and UᵀU (once per model)
     prefix_seconds: float  # the weight-independent part, once per input
     optimize_seconds: float
     metric: str  # "UᵀU (d-space)" or "euclidean (logits)"
@@ -244,11 +245,12 @@ class WeightFit:
 
     @property
     def seconds(self) -> float:
-        return self.prefix_seconds + self.optimize_seconds
+        """The whole fit: setup (when it was not done before), prefix and optimization."""
+        return self.setup_seconds + self.prefix_seconds + self.optimize_seconds
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("constraint", "sites", "parameters", "tokens", "inputs", "before_loss",
-                                           "initial_loss", "loss", "evaluations", "prefix_seconds",
+                                           "initial_loss", "loss", "evaluations", "setup_seconds", "prefix_seconds",
                                            "optimize_seconds", "metric")}
         d["seconds"] = self.seconds
         return d
@@ -316,13 +318,13 @@ def corpus(ex, tokens) -> list[torch.Tensor]:
     return [one(tokens)]
 
 
-def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100, tolerance: float = 1e-6,
+def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100, tolerance: float = 1e-9,
                 init: str = "uniform", sites=None) -> WeightFit:
     """Fit the jet weights of the compiled expansion `ex` on `tokens`; writes them into its buffers.
 
     `constraint`: "simplex" or "affine" (see the module's doc). `max_evals`: the budget of loss
-    evaluations (L-BFGS with line search). The fit stops earlier when an iteration improves the loss
-    by less than `tolerance` × the loss. `init`: "uniform" (see `_Parameterization.initial`) or
+    evaluations (L-BFGS with line search). The fit stops earlier when an iteration changes the loss
+    (a relative squared norm) or the parameters by less than `tolerance`. `init`: "uniform" (see `_Parameterization.initial`) or
     "current" (the module's weights; on the simplex these must lie on it). `sites`: names of the
     sites to fit (default all); the others keep their weights. Returns a `WeightFit` (also kept as
     `ex.weight_fit`).
@@ -344,7 +346,10 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
     if not chosen:
         raise ExpansionError("this expansion has no jet weights to fit (no compiled term uses one)")
     batches = corpus(ex, tokens)
+    device = _device_of(ex)
+    t_setup = time.perf_counter()
     objective = _Objective(ex)
+    setup_seconds = time.perf_counter() - t_setup
     dtype = ex.get_buffer(chosen[0].target).dtype
     param = _Parameterization(chosen, constraint, dtype)
     fixed = {s.target: ex.get_buffer(s.target).detach() for s in ex.weight_sites}
@@ -360,8 +365,6 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
         n_tokens += scale.numel()
     prefix_seconds = time.perf_counter() - t0
 
-    curve: list[float] = []
-
     def loss_at(weights: dict[str, torch.Tensor]) -> torch.Tensor:
         total = 0.0
         for front, scale in cached:
@@ -371,14 +374,61 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
 
     with torch.no_grad():
         before = float(loss_at(fixed))
-    theta0 = param.initial() if init == "uniform" else param.from_weights(fixed)
     t1 = time.perf_counter()
-    theta0 = _warm_decoder(objective, param, theta0, fixed, cached)
-    theta = theta0.clone().to(_device_of(ex)).requires_grad_(True)
+    curve: list[float] = []
+    if constraint == "affine" and init == "uniform":
+        # the affine plane contains the simplex, whose log-space parameterization is better conditioned:
+        # fit there first (half the budget; it ends at once where deep paths vanish, as at k = 0), then
+        # go on from the better of its optimum and the affine start (every compiled term at full scale)
+        simplex = _Parameterization(chosen, "simplex", dtype)
+        theta_s = _warm_decoder(objective, simplex, simplex.initial(), fixed, cached)
+        loss_s, theta_s = _lbfgs(loss_at, fixed, simplex, theta_s, max(1, max_evals // 2), tolerance, curve, device)
+        starts = [_warm_decoder(objective, param, param.initial(), fixed, cached),
+                  param.from_weights({**fixed, **simplex.weights(theta_s)})]
+        with torch.no_grad():
+            losses = [float(loss_at({**fixed, **param.weights(t)})) for t in starts]
+        theta0 = starts[0] if losses[0] <= losses[1] else starts[1]
+    else:
+        theta0 = param.initial() if init == "uniform" else param.from_weights(fixed)
+        theta0 = _warm_decoder(objective, param, theta0, fixed, cached)
+    loss, theta = _lbfgs(loss_at, fixed, param, theta0, max_evals - len(curve), tolerance, curve, device)
+    optimize_seconds = time.perf_counter() - t1
+    initial = curve[0] if curve else before
+    with torch.no_grad():
+        fitted = param.weights(theta)
+    _store(ex, fitted)
+    fit = WeightFit(constraint=constraint, sites=len(chosen), parameters=param.n, tokens=n_tokens, inputs=len(batches),
+                    before_loss=before, initial_loss=initial, loss=loss, evaluations=len(curve),
+                    setup_seconds=setup_seconds, prefix_seconds=prefix_seconds, optimize_seconds=optimize_seconds,
+                    metric="UᵀU (d-space)" if objective.dspace else "euclidean (logits)", curve=curve)
+    ex.weight_fit = fit
+    if constraint == "simplex" and loss > 0.9:
+        warnings.warn(
+            f"the fitted paths leave {loss:.3g} of the logits' squared norm in the remainder: on the simplex a path's "
+            "weights multiply along its steps (at k = 0 its identity terms are weighted too), so the terms of deep "
+            "paths vanish whatever the weights; constraint='affine' lets every compiled term keep its scale "
+            "(docs/weights.md)", stacklevel=2)
+    return fit
+
+
+class _Budget(Exception):
+    """The evaluation budget is spent."""
+
+
+def _lbfgs(loss_at, fixed, param: _Parameterization, theta0: torch.Tensor, budget: int, tolerance: float,
+           curve: list[float], device) -> tuple[float, torch.Tensor]:
+    """L-BFGS (strong-Wolfe line search) on θ for at most `budget` loss evaluations, each appended to
+    `curve`; stops early when an iteration changes the (relative) loss or θ by less than `tolerance`.
+    Returns the best (loss, θ) seen."""
+    theta = theta0.clone().to(device).requires_grad_(True)
     best = [math.inf, theta.detach().clone()]
+    if budget < 1 or param.n == 0:
+        with torch.no_grad():
+            return float(loss_at({**fixed, **param.weights(theta)})), best[1]
+    used = len(curve)
 
     def closure():
-        if len(curve) >= max_evals:
+        if len(curve) - used >= budget:
             raise _Budget
         opt.zero_grad()
         loss = loss_at({**fixed, **param.weights(theta)})
@@ -391,36 +441,13 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
             best[0], best[1] = value, theta.detach().clone()
         return loss
 
-    with torch.no_grad():
-        start = float(loss_at({**fixed, **param.weights(theta)}))
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_evals, max_eval=max_evals, history_size=20,
-                            tolerance_grad=1e-12, tolerance_change=tolerance * max(start, 1e-30),
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=budget, max_eval=budget, history_size=20, tolerance_grad=1e-12,
+                            tolerance_change=tolerance, line_search_fn="strong_wolfe")
     try:
         opt.step(closure)
     except _Budget:  # the line search would have gone on: the best point so far is kept
         pass
-    optimize_seconds = time.perf_counter() - t1
-    initial = curve[0] if curve else before
-    with torch.no_grad():
-        fitted = param.weights(best[1])
-    _store(ex, fitted)
-    fit = WeightFit(constraint=constraint, sites=len(chosen), parameters=param.n, tokens=n_tokens, inputs=len(batches),
-                    before_loss=before, initial_loss=initial, loss=best[0], evaluations=len(curve),
-                    prefix_seconds=prefix_seconds, optimize_seconds=optimize_seconds,
-                    metric="UᵀU (d-space)" if objective.dspace else "euclidean (logits)", curve=curve)
-    ex.weight_fit = fit
-    if constraint == "simplex" and best[0] > 0.9:
-        warnings.warn(
-            f"the fitted paths leave {best[0]:.3g} of the logits' squared norm in the remainder: on the simplex a path's "
-            "weights multiply along its steps (at k = 0 its identity terms are weighted too), so the terms of deep "
-            "paths vanish whatever the weights; constraint='affine' lets every compiled term keep its scale "
-            "(docs/weights.md)", stacklevel=2)
-    return fit
-
-
-class _Budget(Exception):
-    """The evaluation budget is spent."""
+    return best[0], best[1]
 
 
 def _warm_decoder(objective: "_Objective", param: _Parameterization, theta: torch.Tensor, fixed, cached) -> torch.Tensor:

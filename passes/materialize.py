@@ -28,7 +28,7 @@ from torch import fx
 
 from jetfx.errors import ExpansionError, InputError
 from jetfx.expanded import ExpandedModule
-from jetfx.functions import block_region, decoder_region, logits_node, split_decoder
+from jetfx.functions import block_region, decoder_region, device_of, logits_node, split_decoder
 from jetfx.jets import jet_module
 from jetfx.paths import PathGraph
 from jetfx.terms import (LOGITS, Branch, Concat, Constant, Grouped, Jet, JetWeights, Logits, Remainder, Scaled, Select,
@@ -58,8 +58,10 @@ def _safe(name: str) -> str:
 class _Lowering:
     """Terms → nodes of a new graph that starts with a copy of the traced model's graph.
 
-    `decoder="stream"` takes the decoder's jets of its norm alone (d-space, before the unembedding
-    U), where jet weights are fitted (`jetfx.weights`); "logits" (default) of the whole decoder.
+    Jets of the decoder υ = U∘γ_{L+1} are taken of its norm alone, in d-space, and U applied once to
+    their sum (J^k(U∘γ) = U∘J^k γ: k + 1 times fewer vocabulary-sized products), when the decoder
+    ends in an unembedding; `decoder="stream"` stops before U (where jet weights are fitted,
+    `jetfx.weights`).
     """
 
     def __init__(self, gm: fx.GraphModule, jets: str, decoder: str = "logits"):
@@ -84,6 +86,7 @@ class _Lowering:
         encoder = next(n for n in gm.graph.nodes if n.name == self.structure.stream[0])
         val = encoder.meta.get("val")
         self.dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
+        self.device = device_of(gm)
         for n in gm.graph.nodes:
             if n.op in ("get_attr", "call_module"):
                 self.attrs[n.target] = fetch_attr(gm, n.target)
@@ -100,7 +103,7 @@ class _Lowering:
 
     def region(self, function):
         if function is None:
-            if self.decoder == "stream":
+            if split_decoder(self.gm) is not None:
                 return split_decoder(self.gm).norm, "decoder_norm"
             return decoder_region(self.gm), "decoder"
         return block_region(self.gm, function), _safe(function.name)
@@ -125,7 +128,7 @@ class _Lowering:
         given by the user is the buffer itself, so that gradients reach it."""
         node = self.weight_nodes.get(id(w))
         if node is None:
-            tensor = w.tensor if w.tensor is not None else torch.tensor(list(w), dtype=self.dtype)
+            tensor = w.tensor if w.tensor is not None else torch.tensor(list(w), dtype=self.dtype, device=self.device)
             taken = {site.name for site in self.sites}
             name, n = w.site, 2
             while name in taken:
@@ -141,7 +144,7 @@ class _Lowering:
         indices = list(indices)
         if indices and indices == list(range(indices[0], indices[-1] + 1)):  # a contiguous run: a view
             return self.call(aten.slice.Tensor, source, 0, indices[0], indices[-1] + 1)
-        return self.call(aten.index_select.default, source, 0, self.const("index", torch.tensor(indices)))
+        return self.call(aten.index_select.default, source, 0, self.const("index", self.indices(indices)))
 
     # lowering: every row of every Terms is (node, row, factors) — the node computing it, and the jet
     # weights (site, center) it is still to be multiplied by; the product is taken where rows are
@@ -188,15 +191,18 @@ class _Lowering:
         flat = self.call(aten.cat.default, [*vectors, one], 0)
         if all(len(f) <= 1 for f in factors):
             index = [offsets[f[0][0]] + f[0][1] if f else total for f in factors]
-            product = self.call(aten.index_select.default, flat, 0, self.const("index", torch.tensor(index)))
+            product = self.call(aten.index_select.default, flat, 0, self.const("index", self.indices(index)))
         else:
             index = [offsets[w] + i for f in factors for w, i in f]
             segment = [r for r, f in enumerate(factors) for _ in f]
-            picked = self.call(aten.index_select.default, flat, 0, self.const("index", torch.tensor(index)))
+            picked = self.call(aten.index_select.default, flat, 0, self.const("index", self.indices(index)))
             ones = self.call(aten.new_ones.default, flat, [len(factors)])
-            product = self.graph.call_function(aten.scatter_reduce.two, (ones, 0, self.const("index", torch.tensor(segment)),
+            product = self.graph.call_function(aten.scatter_reduce.two, (ones, 0, self.const("index", self.indices(segment)),
                                                                         picked, "prod"), {"include_self": True})
         return self.call(aten.view.default, product, [-1, 1, 1, 1])
+
+    def indices(self, values) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=torch.long, device=self.device)
 
     def _rows(self, t: Terms) -> list:
         s = self.structure
@@ -229,7 +235,7 @@ class _Lowering:
                     owner[m] = g
             shape = self.call(_grouped_shape, src, len(t.groups))
             zeros = self.call(aten.new_zeros.default, src, shape)
-            node = self.call(aten.index_add.default, zeros, 0, self.const("index", torch.tensor(owner)), src)
+            node = self.call(aten.index_add.default, zeros, 0, self.const("index", self.indices(owner)), src)
         elif isinstance(t, Remainder):
             total = self.call(aten.sum.dim_IntList, self.node(t.terms), [0], True)
             node = self.call(aten.sub.Tensor, self.node(t.target), total)
@@ -250,10 +256,25 @@ class _Lowering:
             variate = self.env[self.structure.decoder.input if f is None else f.input]
             side = [self.env[name] for name in region.side_inputs]
             node = self.graph.call_module(target, (c, variate, *side))
+            if f is None and self.decoder == "logits" and split_decoder(self.gm) is not None:
+                node = self.unembed(node)
             self.sizes[node] = len(idx)
             for position, i in enumerate(idx):
                 out[(i, j)] = (node, position, ((w, i),))
         return [out[pair] for pair in t.pairs]
+
+    def unembed(self, node: fx.Node) -> fx.Node:
+        """U applied to d-space decoder jets as the model applies it (linear, or a product with a
+        (d, V) matrix), cast to the logits' dtype."""
+        d = self.structure.decoder
+        applies = next(n for n in self.gm.graph.nodes if n.op == "call_function" and n.args
+                       and getattr(n.args[0], "name", None) == d.norm_output and len(n.args) > 1
+                       and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target == d.unembedding)
+        logits = self.call(applies.target, node, self.env[applies.args[1].name])
+        val = next(n for n in self.gm.graph.nodes if n.name == logits_node(self.gm)).meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype != self.dtype:
+            logits = self.call(aten.to.dtype, logits, val.dtype)
+        return logits
 
     def _lower_split(self, t: SplitJet) -> list:
         """One batched call per (block, multiplicity pattern); each part is a row of its call."""
@@ -272,6 +293,8 @@ class _Lowering:
             dirs = self.call(_as_directions, self.gather(t.centers, flat), len(members), len(mult)) if flat else c
             side = [self.env[name] for name in region.side_inputs]
             node = self.graph.call_module(target, (c, dirs, *side))
+            if f is None and self.decoder == "logits" and split_decoder(self.gm) is not None:
+                node = self.unembed(node)
             self.sizes[node] = len(members)
             for position, p in enumerate(members):
                 out[p] = (node, position, ((w, t.parts[p][0]),))

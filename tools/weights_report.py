@@ -1,0 +1,90 @@
+"""How much of SmolLM2's logits the paths through ≤ 1 and ≤ 2 blocks carry, with Algorithm 2's
+weights and with jet weights fitted on one sentence — on that sentence and on 20 held-out ones.
+
+    .venv/bin/python tools/weights_report.py [--quick] [--out weights_report.json]
+
+For k = 0 and 1, paths through ≤ 1 block (61) and ≤ 2 blocks (1831): the exponential expansion
+with Algorithm 2's weights 1/|ξ_s| ("uniform"), then with weights fitted on the demo sentence on the
+simplex and on the affine plane (`jetfx.expand(..., weights="optimized", tokens=...)`). For each:
+the share of the logits' norm carried by Σ paths (‖Σ paths‖/‖q‖) and by the remainder (‖δ‖/‖q‖),
+cosine similarity and top-1 agreement of Σ paths with the logits, and the relative remainder
+‖δ‖²/‖q‖² the fit minimizes — means over tokens, on the demo sentence and on 20 held-out sentences
+never used to fit. Metrics are computed in d-space (Σ paths = U·Σ e, one unembedding), so 1831 paths
+cost one. `--quick`: paths through ≤ 1 block only. Prints JSON (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jetfx  # noqa: E402
+from jetfx import lens as L  # noqa: E402
+from jetfx import paths as P  # noqa: E402
+from jetfx.weights import faithfulness  # noqa: E402
+
+DEMO = "The capital of France is"
+# jetfx's sample sentences, less the one that starts with the demo sentence, and one more: 20
+HELD_OUT = [s for s in L.sample_sentences() if not s.startswith(DEMO)] + ["A quiet wind moved through the tall grass."]
+
+
+def _rounded(d: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quick", action="store_true", help="paths through ≤ 1 block only")
+    ap.add_argument("--ks", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--evals", type=int, default=100, help="loss evaluations of each fit, paths through ≤ 1 block")
+    ap.add_argument("--evals-deep", type=int, default=30, help="loss evaluations of each fit, ≤ 2 blocks")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if len(HELD_OUT) != 20:
+        raise SystemExit(f"expected 20 held-out sentences, have {len(HELD_OUT)}")
+    model, tok = jetfx.load(args.model, progress=False)
+    gm = jetfx.trace(model, DEMO, tokenizer=tok)
+    selections = [("max_blocks_1", P.max_blocks(1), args.evals)]
+    if not args.quick:
+        selections.append(("max_blocks_2", P.max_blocks(2), args.evals_deep))
+    report = {"model": args.model, "demo": DEMO, "held_out": HELD_OUT, "threads": torch.get_num_threads(),
+              "metrics": "means over tokens: paths_norm ‖Σ paths‖/‖q‖, remainder_norm ‖δ‖/‖q‖, cosine and top1 of "
+                         "Σ paths vs the logits q, relative_loss ‖δ‖²/‖q‖² (what the fit minimizes)",
+              "runs": []}
+    for k in args.ks:
+        for label, selection, evals in selections:
+            for weights, constraint in (("uniform", None), ("optimized", "simplex"), ("optimized", "affine")):
+                t = time.perf_counter()
+                kw = {}
+                if weights == "optimized":
+                    kw = dict(weights="optimized", tokens=DEMO, constraint=constraint, fit={"max_evals": evals})
+                ex = jetfx.expand(gm, k=k, paths=selection, max_paths=4000, **kw)
+                seconds = time.perf_counter() - t
+                run = {"k": k, "paths": label, "n_paths": len(ex.path_names), "weights": weights,
+                       "constraint": constraint, "seconds": round(seconds, 2)}
+                if weights == "optimized":
+                    run["fit"] = _rounded(ex.weight_fit.to_dict())
+                run["demo"] = _rounded(faithfulness(ex, DEMO))
+                run["held_out"] = _rounded(faithfulness(ex, HELD_OUT))
+                report["runs"].append(run)
+                print(f"k={k} {label:13s} {weights:9s} {constraint or '':8s} demo cos {run['demo']['cosine']:.4f} "
+                      f"paths {run['demo']['paths_norm']:.3g} | held-out cos {run['held_out']['cosine']:.4f} "
+                      f"top1 {run['held_out']['top1']:.3f} paths {run['held_out']['paths_norm']:.3g} "
+                      f"remainder {run['held_out']['remainder_norm']:.3g} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+                del ex
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
