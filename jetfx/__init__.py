@@ -7,7 +7,7 @@
 See README.md for a tour.
 """
 
-from . import functions, jets, paths, split  # noqa: F401  (jetfx.functions, jetfx.jets as attributes)
+from . import functions, jets, paths, split, weights  # noqa: F401  (jetfx.functions, jetfx.jets as attributes)
 from .errors import ExpansionError, InputError, JetfxError, MissingDependencyError, StructureError, TraceError
 from .expanded import ExpandedModule, ExpansionOutput
 from .export import export, load_expanded  # noqa: E402  (rebinds jetfx.export to the function)
@@ -37,4 +37,5 @@ __all__ = [
     "MissingDependencyError", "Path", "PathGraph", "ResidualStructure", "StructureError", "TraceError",
     "branch", "constant", "encoder", "expand", "exponential", "info_of", "jet", "jet_coefficients",
     "export", "jet_expand", "load", "load_expanded", "path_graph", "paths", "residual_of", "split", "stream", "trace",
+    "weights",
 ]

@@ -377,12 +377,13 @@ def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAU
     names. The module's output holds one logits tensor per selected path and the remainder;
     paths + remainder = the model's logits exactly, whatever the selection and the weights.
 
-    `weights`: None (Algorithm 2's 1/|ξ_s| at every step s), "optimized" — fitted on `tokens` (a text, a list of texts or ids) to minimize the
-    logits' remainder in the UᵀU metric, see `jetfx.weights.fit_weights` (options in `fit`, e.g.
-    {"max_evals": 300}; what it did is `ex.weight_fit`) —, or a dict {site: weights} as in
-    `ex.jet_weights` ("step3", …, "decoder"), e.g. another module's fitted weights or tensors that
-    require grad (gradients of the outputs reach them). `constraint`: "simplex" (default) or
-    "affine" (Σ w = 1). `recenter=False`: jets around the origin of the variate (see `jet_expand`).
+    `weights`: None (Algorithm 2's 1/|ξ_s| at every step s); "optimized" — fitted on `tokens` (a
+    text, a list of texts or ids) to minimize the logits' remainder in the UᵀU metric, see
+    `jetfx.weights.fit_weights` (options in `fit`, e.g. {"max_evals": 300}; what it did is
+    `ex.weight_fit`); or a dict {site: weights} as in `ex.jet_weights` ("step3", …, "decoder"),
+    e.g. another module's fitted weights or tensors that require grad (gradients of the outputs
+    reach them). `constraint`: "simplex" (default) or "affine" (Σ w = 1). `recenter=False`: jets
+    around the origin of the variate (see `jet_expand`).
 
     `split=True` (k ≥ 1) compiles the super-exponential expansion instead, every jet term split by
     degree and by the terms it interacts with; `paths` is then a `jetfx.split` filter (see there), and

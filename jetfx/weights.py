@@ -259,15 +259,26 @@ class WeightFit:
 class _Objective:
     """The compiled expansion's decoder terms, split into a cached prefix and a differentiable suffix."""
 
-    def __init__(self, ex):
+    def __init__(self, ex, decoder_order: int | None = None):
+        from dataclasses import replace as _replace
+
         from .functions import unembedding_gram
         from .passes.materialize import fit_graph
         from .passes.partial import split_at_attributes
+        from .terms import Jet
 
         cache = ex.__dict__.setdefault("_jetfx_fit", {})
         device = _device_of(ex)
-        if cache.get("device") != device:
-            fg = fit_graph(ex.source, ex.terms, jets=getattr(ex, "jets_method", "auto"))
+        key = ("parts", device, decoder_order)
+        if key not in cache:
+            terms = ex.terms
+            if decoder_order is not None:  # the same expansion, its decoder's Taylor polynomial truncated
+                if not isinstance(terms, Jet) or terms.site != "decoder":
+                    raise ExpansionError("decoder_order= needs an expansion whose last step is an unsplit decoder jet")
+                if not 0 <= decoder_order <= terms.k:
+                    raise ExpansionError(f"decoder_order must be between 0 and k={terms.k}, got {decoder_order}")
+                terms = _replace(terms, k=decoder_order)
+            fg = fit_graph(ex.source, terms, jets=getattr(ex, "jets_method", "auto"))
             if [s.name for s in fg.weight_sites] != [s.name for s in ex.weight_sites]:
                 raise ExpansionError("internal: the fit graph's weight sites differ from the module's")
             targets = [s.target for s in fg.weight_sites]
@@ -275,9 +286,8 @@ class _Objective:
             prefix.to(device)
             suffix.to(device)
             gram = unembedding_gram(ex.source) if fg.dspace else None
-            cache.update(device=device, parts=(prefix, suffix, targets, gram.to(device) if gram is not None else None,
-                                               fg.dspace))
-        self.prefix, self.suffix, self.targets, self.gram, self.dspace = cache["parts"]
+            cache[key] = (prefix, suffix, targets, gram.to(device) if gram is not None else None, fg.dspace)
+        self.prefix, self.suffix, self.targets, self.gram, self.dspace = cache[key]
         self.ex = ex
 
     def frontier(self, ids: torch.Tensor):
@@ -323,11 +333,11 @@ def fit_weights(ex, tokens, *, constraint: str = "simplex", max_evals: int = 100
     """Fit the jet weights of the compiled expansion `ex` on `tokens`; writes them into its buffers.
 
     `constraint`: "simplex" or "affine" (see the module's doc). `max_evals`: the budget of loss
-    evaluations (L-BFGS with line search). The fit stops earlier when an iteration changes the loss
-    (a relative squared norm) or the parameters by less than `tolerance`. `init`: "uniform" (see `_Parameterization.initial`) or
-    "current" (the module's weights; on the simplex these must lie on it). `sites`: names of the
-    sites to fit (default all); the others keep their weights. Returns a `WeightFit` (also kept as
-    `ex.weight_fit`).
+    evaluations (L-BFGS with line search). The fit stops earlier when an iteration changes the
+    loss (a relative squared norm) or the parameters by less than `tolerance`. `init`: "uniform"
+    (see `_Parameterization.initial`) or "current" (the module's weights; on the simplex these must
+    lie on it). `sites`: names of the sites to fit (default all); the others keep their weights.
+    Returns a `WeightFit` (also kept as `ex.weight_fit`).
     """
     constraint = check_constraint(constraint)
     if init not in ("uniform", "current"):
@@ -514,15 +524,19 @@ def _device_of(module) -> torch.device:
 # how much the paths carry
 
 
-def faithfulness(ex, tokens, *, weights: dict | None = None) -> dict:
+def faithfulness(ex, tokens, *, weights: dict | None = None, decoder_order: int | None = None) -> dict:
     """How much of the logits the compiled paths carry, on `tokens` (a text, texts or ids).
 
     Returns means over tokens of: `paths_norm` ‖Σ paths‖/‖q‖ and `remainder_norm` ‖δ‖/‖q‖ (Σ paths
     + δ = q, the logits), `cosine` (Σ paths vs q), `top1` (argmax agreement), `relative_loss`
     ‖δ‖²/‖q‖² (what fit_weights minimizes), and the number of tokens. In d-space (Σ paths = U·Σ e)
     when the decoder ends in an unembedding, so a thousand paths cost one unembedding.
+
+    `decoder_order=j` measures the paths with their decoder jets truncated at order j ≤ k (the
+    steps before unchanged): at j = 0 what each path's center gives through the decoder alone,
+    U·γ_{L+1}(x_p), without the decoder's derivatives along h_L − x_p (see docs/weights.md).
     """
-    objective = _Objective(ex)
+    objective = _Objective(ex, decoder_order)
     current = {s.target: ex.get_buffer(s.target).detach() for s in ex.weight_sites}
     if weights:
         current.update({k: v.detach() for k, v in weight_overrides(ex, weights).items()})

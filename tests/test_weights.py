@@ -142,6 +142,35 @@ def test_fit_minimizes_the_logits_remainder_in_the_gram_metric():
     assert ex.weight_fit is fit
 
 
+def test_faithfulness_with_the_decoder_truncated_at_order_zero():
+    """decoder_order=0: the paths through the decoder's norm alone, ω_p·U·γ_{L+1}(x_p)."""
+    model, gm = traced("llama")
+    ids = tokens()
+    ex = jetfx.expand(gm, k=1, paths=["embed", "layers.0.self_attn"])
+    ex.set_jet_weights({"decoder": [0.3, 0.5]})
+    with torch.no_grad():
+        eta = model.model.embed_tokens(ids)
+        attn = jetfx.functions.capture(gm, ids, [gm.residual.blocks[0].output])[gm.residual.blocks[0].output]
+        paths = model.lm_head(0.3 * model.model.norm(eta) + 0.5 * model.model.norm(attn)).double()
+        logits = model(ids).logits.double()
+    f0 = faithfulness(ex, ids, decoder_order=0)
+    cos = torch.nn.functional.cosine_similarity(paths, logits, dim=-1).mean()
+    assert f0["cosine"] == pytest.approx(float(cos), rel=1e-5)
+    assert f0["paths_norm"] == pytest.approx(float((paths.norm(dim=-1) / logits.norm(dim=-1)).mean()), rel=1e-5)
+    assert faithfulness(ex, ids, decoder_order=1) == faithfulness(ex, ids)
+    with pytest.raises(ExpansionError, match="between 0 and k=1"):
+        faithfulness(ex, ids, decoder_order=2)
+    with pytest.raises(ExpansionError, match="no jet-weight sites"):
+        fit_weights(ex, ids, sites=["step1"])  # no step's jets are compiled here
+    # fitting some sites leaves the others alone
+    one = jetfx.expand(gm, k=1, paths=P.max_blocks(1))
+    steps = {name: w.clone() for name, w in one.jet_weights.items() if name != "decoder"}
+    fit = fit_weights(one, ids, sites=["decoder"], max_evals=10)
+    assert fit.sites == 1 and fit.loss < fit.before_loss
+    for name, w in steps.items():
+        assert torch.equal(one.jet_weights[name], w)
+
+
 def test_partial_evaluation_keeps_block_jets_out_of_the_optimizer_loop():
     _, gm = traced("llama")
     one = jetfx.expand(gm, k=1, paths=P.max_blocks(1))
@@ -424,3 +453,18 @@ def test_smollm2_fitted_paths_carry_the_logits_on_held_out_text():
     assert fit.loss < 0.1
     held = faithfulness(ex, ["A cat sat on the warm mat by the door.", "She opened the window to let in fresh air."])
     assert held["cosine"] > 0.9 and 0.7 < held["paths_norm"] < 1.3, held
+
+
+def test_cli_fits_weights_and_exports_them(capsys, tmp_path):
+    from jetfx.cli import main
+
+    path = tmp_path / "fitted.jetfx.zip"
+    rc = main(["expand", "--k", "1", "--max-blocks", "1", "--through", "layers.2.*", "--fit", "--fit-evals", "20",
+               "--export", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "jet weights fitted on the text (simplex" in out and "relative remainder" in out
+    loaded = jetfx.load_expanded(str(path))
+    assert loaded.path_names == ("layers.2.self_attn", "layers.2.mlp")
+    assert main(["expand", "--split", "--origin"]) == 2
+    assert "does not apply to split" in capsys.readouterr().err

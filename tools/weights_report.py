@@ -9,8 +9,11 @@ simplex and on the affine plane (`jetfx.expand(..., weights="optimized", tokens=
 the share of the logits' norm carried by Σ paths (‖Σ paths‖/‖q‖) and by the remainder (‖δ‖/‖q‖),
 cosine similarity and top-1 agreement of Σ paths with the logits, and the relative remainder
 ‖δ‖²/‖q‖² the fit minimizes — means over tokens, on the demo sentence and on 20 held-out sentences
-never used to fit. Metrics are computed in d-space (Σ paths = U·Σ e, one unembedding), so 1831 paths
-cost one. `--quick`: paths through ≤ 1 block only. Prints JSON (also written to --out).
+never used to fit. For k ≥ 1 also the held-out metrics of the paths with their decoder jets truncated
+at order 0 (U·γ_{L+1}(x_p): what the paths' centers give without the decoder's derivative along
+h_L − x_p, which contains the true final stream). Metrics are computed in d-space (Σ paths = U·Σ e,
+one unembedding), so 1831 paths cost one. `--quick`: paths through ≤ 1 block only. Prints JSON
+(also written to --out).
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ def main(argv=None):
     selections = [("max_blocks_1", P.max_blocks(1), args.evals)]
     if not args.quick:
         selections.append(("max_blocks_2", P.max_blocks(2), args.evals_deep))
-    report = {"model": args.model, "demo": DEMO, "held_out": HELD_OUT, "threads": torch.get_num_threads(),
+    command = " ".join(["tools/weights_report.py", *(sys.argv[1:] if argv is None else argv)])
+    report = {"model": args.model, "command": command, "demo": DEMO, "held_out": HELD_OUT,
+              "threads": torch.get_num_threads(),
               "metrics": "means over tokens: paths_norm ‖Σ paths‖/‖q‖, remainder_norm ‖δ‖/‖q‖, cosine and top1 of "
                          "Σ paths vs the logits q, relative_loss ‖δ‖²/‖q‖² (what the fit minimizes)",
               "runs": []}
@@ -74,6 +79,8 @@ def main(argv=None):
                     run["fit"] = _rounded(ex.weight_fit.to_dict())
                 run["demo"] = _rounded(faithfulness(ex, DEMO))
                 run["held_out"] = _rounded(faithfulness(ex, HELD_OUT))
+                if k >= 1:  # the same paths through the decoder alone, without its derivatives along h_L − x_p
+                    run["held_out_decoder_order0"] = _rounded(faithfulness(ex, HELD_OUT, decoder_order=0))
                 report["runs"].append(run)
                 print(f"k={k} {label:13s} {weights:9s} {constraint or '':8s} demo cos {run['demo']['cosine']:.4f} "
                       f"paths {run['demo']['paths_norm']:.3g} | held-out cos {run['held_out']['cosine']:.4f} "
