@@ -202,22 +202,42 @@ class _Parameterization:
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def weights(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{buffer target: (site.size,) weights}, differentiable in θ; unused centers get 0."""
-        out = {}
-        offset = 0
-        for s, size in zip(self.sites, self.sizes):
-            t = theta[offset: offset + size]
-            offset += size
-            if self.constraint == "simplex":
-                w = torch.softmax(t, 0)[: len(s.used)]
-            elif s.slack:
-                w = t
-            else:
-                w = t - t.mean() + 1.0 / size
-            full = w if len(s.used) == s.size else torch.zeros(s.size, dtype=w.dtype).index_put(
-                (torch.tensor(s.used),), w)
-            out[s.target] = full.to(self.dtype)
-        return out
+        """{buffer target: (site.size,) weights}, differentiable in θ; unused centers get 0.
+
+        All sites at once (a segment softmax, one scatter into the concatenated buffers), not a loop
+        of small ops per site: the fit calls this at every evaluation."""
+        device = theta.device
+        if getattr(self, "_index", None) is None or self._index[0].device != device:
+            self._index = self._indices(device)
+        segment, keep, position, total = self._index
+        if self.constraint == "simplex":
+            n = len(self.sizes)
+            peak = torch.full((n,), -math.inf, dtype=theta.dtype, device=device).scatter_reduce(
+                0, segment, theta.detach(), "amax")
+            e = (theta - peak[segment]).exp()
+            w = e / torch.zeros(n, dtype=theta.dtype, device=device).index_add(0, segment, e)[segment]
+        else:
+            mean = torch.zeros(len(self.sizes), dtype=theta.dtype, device=device).index_add(0, segment, theta)
+            counts = torch.tensor(self.sizes, dtype=theta.dtype, device=device)
+            shift = torch.tensor([0.0 if s.slack else 1.0 for s in self.sites], dtype=theta.dtype, device=device)
+            w = theta - (shift * (mean / counts - 1.0 / counts))[segment]  # θ − mean θ + 1/n without slack
+        flat = torch.zeros(total, dtype=theta.dtype, device=device).index_put((position,), w[keep])
+        pieces = flat.to(self.dtype).split([s.size for s in self.sites])
+        return {s.target: piece for s, piece in zip(self.sites, pieces)}
+
+    def _indices(self, device):
+        """(site of each θ entry, θ entries that are weights (not slack), where each goes in the
+        concatenated buffers, their total length)."""
+        segment, keep, position = [], [], []
+        offset_theta = offset_buffer = 0
+        for i, (s, size) in enumerate(zip(self.sites, self.sizes)):
+            segment += [i] * size
+            keep += list(range(offset_theta, offset_theta + len(s.used)))
+            position += [offset_buffer + u for u in s.used]
+            offset_theta += size
+            offset_buffer += s.size
+        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        return as_long(segment), as_long(keep), as_long(position), offset_buffer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +302,7 @@ class _Objective:
             if [s.name for s in fg.weight_sites] != [s.name for s in ex.weight_sites]:
                 raise ExpansionError("internal: the fit graph's weight sites differ from the module's")
             targets = [s.target for s in fg.weight_sites]
-            prefix, suffix, _ = split_at_attributes(fg.attrs, fg.graph, targets)
+            prefix, suffix, _ = split_at_attributes(fg.attrs, fg.graph, targets, consume=True)
             prefix.to(device)
             suffix.to(device)
             gram = unembedding_gram(ex.source) if fg.dspace else None
@@ -489,6 +509,7 @@ def _warm_decoder(objective: "_Objective", param: _Parameterization, theta: torc
             v = torch.einsum("p...d,...d->p", aG, t)
             M, b = (m, v) if M is None else (M + m, b + v)
     n = len(used)
+    M, b = M.cpu(), b.cpu()  # n × n: solved on the CPU (the lens's solver keeps its state there)
     ridge = 1e-10 * float(M.diagonal().abs().mean().clamp_min(1e-300)) * torch.eye(n, dtype=M.dtype, device=M.device)
     theta = theta.clone()
     if param.constraint == "affine" and site.slack:

@@ -19,13 +19,15 @@ from torch import fx
 __all__ = ["split_at_attributes"]
 
 
-def split_at_attributes(root, graph: fx.Graph, targets) -> tuple[fx.GraphModule, fx.GraphModule, int]:
+def split_at_attributes(root, graph: fx.Graph, targets, *, consume: bool = False
+                        ) -> tuple[fx.GraphModule, fx.GraphModule, int]:
     """(prefix, suffix, number of frontier values) of `graph` for its attributes `targets`.
 
     `root` holds the attributes (a module, or a dict as for `fx.GraphModule`). A node depends on the
     attributes when one of its inputs does (get_attr nodes of `targets` are the sources). The
     suffix's inputs are the attributes, in the order of `targets`, then the frontier values, in the
-    order the prefix returns them.
+    order the prefix returns them. `consume=True` turns `graph` itself into the prefix's graph
+    (no copy of a graph that is thrown away anyway).
     """
     targets = list(targets)
     sources = {t: [n for n in graph.nodes if n.op == "get_attr" and n.target == t] for t in targets}
@@ -49,17 +51,6 @@ def split_at_attributes(root, graph: fx.Graph, targets) -> tuple[fx.GraphModule,
             seen.add(node)
             frontier.append(node)
 
-    prefix_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    prefix_graph.graph_copy(graph, env)  # the copy's output is replaced below
-    for node in list(prefix_graph.nodes):
-        if node.op == "output":
-            prefix_graph.erase_node(node)
-    prefix_graph.output(tuple(env[n] for n in frontier))
-    prefix = fx.GraphModule(root, prefix_graph, class_name="Prefix")
-    prefix.graph.eliminate_dead_code()
-    prefix.recompile()
-
     suffix_graph = fx.Graph()
     senv: dict[fx.Node, fx.Node] = {}
     for t in targets:
@@ -80,6 +71,20 @@ def split_at_attributes(root, graph: fx.Graph, targets) -> tuple[fx.GraphModule,
         elif node.op == "output":
             suffix_graph.output(fx.node.map_arg(node.args[0], lambda a: senv[a]))
     suffix = fx.GraphModule(root, suffix_graph, class_name="Suffix")
+
+    # the prefix: the graph itself (consume=True: it is not needed afterwards) or a copy
+    if consume:
+        prefix_graph, env = graph, {n: n for n in graph.nodes}
+    else:
+        prefix_graph, env = fx.Graph(), {}
+        prefix_graph.graph_copy(graph, env)
+    for node in list(prefix_graph.nodes):
+        if node.op == "output":
+            prefix_graph.erase_node(node)
+    prefix_graph.output(tuple(env[n] for n in frontier))
+    # before the module is made (made once: its code is generated once); submodules are pure here
+    prefix_graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_module" and n.is_impure())
+    prefix = fx.GraphModule(root, prefix_graph, class_name="Prefix")
     return prefix, suffix, len(frontier)
 
 

@@ -468,3 +468,23 @@ def test_cli_fits_weights_and_exports_them(capsys, tmp_path):
     assert loaded.path_names == ("layers.2.self_attn", "layers.2.mlp")
     assert main(["expand", "--split", "--origin"]) == 2
     assert "does not apply to split" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (checked on a GPU machine)")
+def test_fit_and_gradients_on_cuda():
+    """The weight buffers, their indices and the fit follow the module's device; the fit reaches the
+    CPU's loss (float64, same start and budget; the line search may branch differently)."""
+    model = hf_model("llama", dtype=torch.float64)
+    ids = tokens()
+    fits = {}
+    for device in ("cpu", "cuda"):
+        gm = jetfx.trace(model.to(device), ids.to(device), dtype=torch.float64)
+        ex = jetfx.expand(gm, k=1, paths=P.max_blocks(1))
+        fits[device] = fit_weights(ex, ids.to(device), max_evals=15)
+        w = {n: v.detach().clone().requires_grad_(True) for n, v in ex.jet_weights.items()}
+        out = ex(ids.to(device), weights=w)
+        out.stacked.sum().backward()
+        assert all(v.grad is not None and v.grad.device.type == device for v in w.values())
+        assert jetfx.weights.faithfulness(ex, ids.to(device))["relative_loss"] == pytest.approx(fits[device].loss,
+                                                                                               rel=1e-6)
+    assert fits["cuda"].loss == pytest.approx(fits["cpu"].loss, rel=1e-3)
