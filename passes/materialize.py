@@ -270,7 +270,8 @@ class _Lowering:
         applies = next(n for n in self.gm.graph.nodes if n.op == "call_function" and n.args
                        and getattr(n.args[0], "name", None) == d.norm_output and len(n.args) > 1
                        and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target == d.unembedding)
-        logits = self.call(applies.target, node, self.env[applies.args[1].name])
+        op = aten.matmul.default if applies.target is aten.mm.default else applies.target  # mm is 2-D only
+        logits = self.call(op, node, self.env[applies.args[1].name])
         val = next(n for n in self.gm.graph.nodes if n.name == logits_node(self.gm)).meta.get("val")
         if isinstance(val, torch.Tensor) and val.dtype != self.dtype:
             logits = self.call(aten.to.dtype, logits, val.dtype)
