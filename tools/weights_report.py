@@ -5,7 +5,8 @@ weights and with jet weights fitted on one sentence — on that sentence and on 
 
 For k = 0 and 1, paths through ≤ 1 block (61) and ≤ 2 blocks (1831): the exponential expansion
 with Algorithm 2's weights 1/|ξ_s| ("uniform"), then with weights fitted on the demo sentence on the
-simplex and on the affine plane (`jetfx.expand(..., weights="optimized", tokens=...)`). For each:
+simplex and on the affine plane (`jetfx.expand(..., weights="optimized", tokens=...)`), and for
+≤ 1 block also on a corpus of 10 other sentences ("optimized on corpus"). For each:
 the share of the logits' norm carried by Σ paths (‖Σ paths‖/‖q‖) and by the remainder (‖δ‖/‖q‖),
 cosine similarity and top-1 agreement of Σ paths with the logits, and the relative remainder
 ‖δ‖²/‖q‖² the fit minimizes — means over tokens, on the demo sentence and on 20 held-out sentences
@@ -36,6 +37,19 @@ from jetfx.weights import faithfulness  # noqa: E402
 DEMO = "The capital of France is"
 # jetfx's sample sentences, less the one that starts with the demo sentence, and one more: 20
 HELD_OUT = [s for s in L.sample_sentences() if not s.startswith(DEMO)] + ["A quiet wind moved through the tall grass."]
+# a small corpus to fit on instead of the demo sentence (disjoint from the held-out sentences)
+FIT_CORPUS = [
+    "The old clock in the hall stopped at noon.",
+    "My sister bought a new bicycle last week.",
+    "The river was cold and clear in the morning.",
+    "He forgot his keys at the office again.",
+    "The teacher wrote the date on the board.",
+    "We watched the sunset from the top of the hill.",
+    "The baker opens his shop before dawn.",
+    "Snow covered the roofs of the small village.",
+    "She keeps her notes in a blue folder.",
+    "The dog waited patiently by the front gate.",
+]
 
 
 def _rounded(d: dict) -> dict:
@@ -49,6 +63,7 @@ def main(argv=None):
     ap.add_argument("--ks", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--evals", type=int, default=100, help="loss evaluations of each fit, paths through ≤ 1 block")
     ap.add_argument("--evals-deep", type=int, default=30, help="loss evaluations of each fit, ≤ 2 blocks")
+    ap.add_argument("--no-corpus", action="store_true", help="skip the fits on a corpus of 10 other sentences")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if len(HELD_OUT) != 20:
@@ -59,30 +74,35 @@ def main(argv=None):
     if not args.quick:
         selections.append(("max_blocks_2", P.max_blocks(2), args.evals_deep))
     command = " ".join(["tools/weights_report.py", *(sys.argv[1:] if argv is None else argv)])
-    report = {"model": args.model, "command": command, "demo": DEMO, "held_out": HELD_OUT,
+    report = {"model": args.model, "command": command, "demo": DEMO, "held_out": HELD_OUT, "fit_corpus": FIT_CORPUS,
               "threads": torch.get_num_threads(),
               "metrics": "means over tokens: paths_norm ‖Σ paths‖/‖q‖, remainder_norm ‖δ‖/‖q‖, cosine and top1 of "
                          "Σ paths vs the logits q, relative_loss ‖δ‖²/‖q‖² (what the fit minimizes)",
               "runs": []}
     for k in args.ks:
         for label, selection, evals in selections:
-            for weights, constraint in (("uniform", None), ("optimized", "simplex"), ("optimized", "affine")):
+            schemes = [("uniform", None), ("optimized", "simplex"), ("optimized", "affine")]
+            if label == "max_blocks_1" and not args.no_corpus:  # fitted on 10 other sentences (93 tokens)
+                schemes.append(("optimized on corpus", "simplex" if k >= 1 else "affine"))
+            for weights, constraint in schemes:
                 t = time.perf_counter()
                 kw = {}
                 if weights == "optimized":
                     kw = dict(weights="optimized", tokens=DEMO, constraint=constraint, fit={"max_evals": evals})
+                if weights == "optimized on corpus":
+                    kw = dict(weights="optimized", tokens=FIT_CORPUS, constraint=constraint, fit={"max_evals": evals})
                 ex = jetfx.expand(gm, k=k, paths=selection, max_paths=4000, **kw)
                 seconds = time.perf_counter() - t
                 run = {"k": k, "paths": label, "n_paths": len(ex.path_names), "weights": weights,
                        "constraint": constraint, "seconds": round(seconds, 2)}
-                if weights == "optimized":
+                if weights.startswith("optimized"):
                     run["fit"] = _rounded(ex.weight_fit.to_dict())
                 run["demo"] = _rounded(faithfulness(ex, DEMO))
                 run["held_out"] = _rounded(faithfulness(ex, HELD_OUT))
                 if k >= 1:  # the same paths through the decoder alone, without its derivatives along h_L − x_p
                     run["held_out_decoder_order0"] = _rounded(faithfulness(ex, HELD_OUT, decoder_order=0))
                 report["runs"].append(run)
-                print(f"k={k} {label:13s} {weights:9s} {constraint or '':8s} demo cos {run['demo']['cosine']:.4f} "
+                print(f"k={k} {label:13s} {weights:19s} {constraint or '':8s} demo cos {run['demo']['cosine']:.4f} "
                       f"paths {run['demo']['paths_norm']:.3g} | held-out cos {run['held_out']['cosine']:.4f} "
                       f"top1 {run['held_out']['top1']:.3f} paths {run['held_out']['paths_norm']:.3g} "
                       f"remainder {run['held_out']['remainder_norm']:.3g} ({seconds:.1f} s)", file=sys.stderr, flush=True)
