@@ -2,6 +2,7 @@
 recentering, Algorithm 1 for any callable, and lenses over chosen layers."""
 
 import importlib.util
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -464,6 +465,14 @@ def test_lens_pages_show_the_chosen_rows(tmp_path):
     assert sum(1 for e in svg.iter() if e.get("class") == "cell") == 2 * T
     it = L.iterative_lens(gm, ids, 1, layers=[0, 2])
     assert it.html().count('<td class="cell"') == 2 * T
+    # layers= computes a lens over those rows only: its page shows exactly them, in the lens's order
+    for lens in (it, L.joint_lens(gm, ids, 1, layers=[0, 2], weights="optimized", steps=10),
+                 L.joint_lens(gm, ids, 1, layers=[1], weights=[0.5, 0.5])):
+        page = lens.html()
+        shown = [label for label in re.findall(r'<th class="row">([^<]*)</th>', page) if label in lens.rows]
+        assert sorted(shown) == sorted(lens.rows) and page.count('<td class="cell"') == len(lens.rows) * T
+        svg = ET.fromstring(lens.svg())
+        assert sum(1 for e in svg.iter() if e.get("class") == "cell") == len(lens.rows) * T
     with pytest.raises(InputError, match="joint lens"):
         it.html(rows=1)
     with pytest.raises(InputError, match="no row"):
@@ -489,6 +498,20 @@ def test_smollm2_fitted_paths_carry_the_logits_on_held_out_text():
     assert fit.loss < 0.1
     held = faithfulness(ex, ["A cat sat on the warm mat by the door.", "She opened the window to let in fresh air."])
     assert held["cosine"] > 0.9 and 0.7 < held["paths_norm"] < 1.3, held
+
+
+@real
+def test_smollm2_figure3_page_over_chosen_layers(tmp_path):
+    """jex's JointJetLens(lm, [0, 10, 20, 30]) from the command line: the page shows those four rows."""
+    from jetfx import cli_lens
+
+    assert cli_lens.main(["lens", "--text", "The capital of France is", "--k", "1", "--joint", "--steps", "10",
+                          "--layers", "0", "10", "20", "30", "--out", str(tmp_path)]) == 0
+    (page,) = tmp_path.glob("*.html")
+    html = page.read_text()
+    rows = [label for label in re.findall(r'<th class="row">([^<]*)</th>', html) if label.startswith(("embed", "layers"))]
+    assert sorted(rows) == ["embed", "layers.19", "layers.29", "layers.9"]
+    assert html.count('<td class="cell"') == 4 * 5  # 4 rows × 5 tokens
 
 
 @real
