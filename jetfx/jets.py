@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ExpansionError, check_order
+from .passes.batching import map_centers
 
 
 def _derivatives(g: Callable[[torch.Tensor], torch.Tensor], t0: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -124,7 +125,7 @@ class Evaluate(torch.nn.Module):
         self.region = region
 
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
-        return torch.func.vmap(lambda x: self.region(x, *side))(centers)
+        return map_centers(lambda x: self.region(x, *side), centers)
 
 
 def jet_module(region: torch.nn.Module, k: int, method: str = "auto", recenter: bool = True) -> torch.nn.Module:

@@ -38,12 +38,14 @@ def _table(lens, batch: int, rows=None):
     """(positions, rows, cells[r][t] = (token, logit, weight), final rows) for a picture; `rows`
     picks the rows shown (see LensResult.row_indices), the final rows stay the whole lens's."""
     shown = lens.row_indices(rows, batch)
-    vals, ids = lens.row_logits[shown][:, batch].max(dim=-1)  # (R, T)
+    # reduced on the lens's device; only what is drawn (R × T values) is moved, in one transfer each
+    vals, ids = lens.row_logits[:, batch][shown].max(dim=-1)  # (R, T)
     R, T = vals.shape
+    vals, ids, weights = vals.float().cpu(), ids.tolist(), lens.weights[:, batch][shown].float().tolist()
     cells = []
-    for i, r in enumerate(shown):
-        texts = lens.token_text(ids[i])
-        cells.append([(texts[t], float(vals[i, t]), float(lens.weights[r, batch, t])) for t in range(T)])
+    for r in range(R):
+        texts = lens.token_text(ids[r])
+        cells.append([(texts[t], float(vals[r, t]), weights[r][t]) for t in range(T)])
     model_top = lens.token_text(lens.model_logits[batch].argmax(-1))
     if lens.kind == "joint":
         lens_top = lens.token_text(lens.logits[batch].argmax(-1))

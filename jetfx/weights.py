@@ -282,7 +282,7 @@ class _Objective:
     def __init__(self, ex, decoder_order: int | None = None):
         from dataclasses import replace as _replace
 
-        from .functions import unembedding_gram
+        from .lens import _decoder
         from .passes.materialize import fit_graph
         from .passes.partial import split_at_attributes
         from .terms import Jet
@@ -305,7 +305,7 @@ class _Objective:
             prefix, suffix, _ = split_at_attributes(fg.attrs, fg.graph, targets, consume=True)
             prefix.to(device)
             suffix.to(device)
-            gram = unembedding_gram(ex.source) if fg.dspace else None
+            gram = _decoder(ex.source).gram() if fg.dspace else None  # UᵀU, shared with the lenses
             cache[key] = (prefix, suffix, targets, gram.to(device) if gram is not None else None, fg.dspace)
         self.prefix, self.suffix, self.targets, self.gram, self.dspace = cache[key]
         self.ex = ex

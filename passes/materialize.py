@@ -16,6 +16,9 @@ Jet weights are buffers, one per site (`weights.step3`, `weights.decoder`): they
 with the module, can be replaced per call (`ExpandedModule.__call__(…, weights=…)`), and when a
 site's weights were given as a tensor that requires grad, the buffer is that tensor, so gradients
 flow from the module's outputs to it.
+
+Each path's logits and the remainder pass through a hook point of their own
+(`jetfx.expanded.PathHooks`) on the way out.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 from torch import fx
 
 from jetfx.errors import ExpansionError, InputError
-from jetfx.expanded import ExpandedModule
-from jetfx.functions import block_region, decoder_region, device_of, logits_node, split_decoder
+from jetfx.expanded import REMAINDER, ExpandedModule, PathHooks
+from jetfx.functions import (block_region, compute_region, decoder_region, device_of, jet_dtype, logits_node,
+                             split_decoder)
 from jetfx.jets import jet_module
 from jetfx.paths import PathGraph
 from jetfx.terms import (LOGITS, Branch, Concat, Constant, Grouped, Jet, JetWeights, Logits, Remainder, Scaled, Select,
@@ -41,11 +45,12 @@ from .mixed import mixed_jet
 
 
 def broadcast_center(value: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
-    """(N, d) / (N, T, d) / (N, B, T, d) constant centers → (N, B, T, d) like the stream."""
+    """(N, d) / (N, T, d) / (N, B, T, d) constant centers → (N, B, T, d) like the stream (in the
+    centers' own dtype: the precision jets are computed in, which may exceed the stream's)."""
     n, d = value.shape[0], value.shape[-1]
     shaped = value.reshape(n, *([1] * (4 - value.dim())), *value.shape[1:]) if value.dim() < 4 else value
     try:
-        return shaped.to(like.dtype).expand(n, *like.shape)
+        return shaped.expand(n, *like.shape)
     except RuntimeError:
         raise InputError(f"center {name!r} of shape {tuple(value.shape[1:])} does not fit the stream of "
                          f"shape {tuple(like.shape)} (batch, tokens, width {d})") from None
@@ -53,6 +58,26 @@ def broadcast_center(value: torch.Tensor, like: torch.Tensor, name: str) -> torc
 
 def _safe(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+# ops between the unembedding and the logits that keep every value where it is (then U can be
+# applied to d-space jets and the result reshaped to the logits)
+_TAIL_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.to.dtype, aten._to_copy.default,
+             aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default}
+
+
+def _unembedding_node(gm: fx.GraphModule) -> fx.Node | None:
+    """The node applying U in the decoder, when only reshapes and casts follow it to the logits."""
+    d = residual_of(gm).decoder
+    if d.unembedding is None or d.norm_output is None:
+        return None
+    node = next(n for n in gm.graph.nodes if n.name == logits_node(gm))
+    while node.op == "call_function" and node.target in _TAIL_OPS:
+        node = node.args[0]
+    ok = (node.op == "call_function" and node.target in (aten.linear.default, aten.mm.default, aten.matmul.default)
+          and getattr(node.args[0], "name", None) == d.norm_output and len(node.args) == 2
+          and getattr(node.args[1], "op", None) == "get_attr" and node.args[1].target == d.unembedding)
+    return node if ok else None
 
 
 class _Lowering:
@@ -69,6 +94,8 @@ class _Lowering:
         self.structure = residual_of(gm)
         self.method = jets
         self.decoder = decoder
+        # constants made here live where the model's weights are (and move with the module)
+        self.device = device_of(gm)
         self.graph = fx.Graph()
         self.attrs: dict[str, object] = {}
         self.rows_of: dict[int, list] = {}  # id(Terms) → [(node, row, factors)]
@@ -85,28 +112,56 @@ class _Lowering:
         self.env = {old.name: new for old, new in val_map.items()}
         encoder = next(n for n in gm.graph.nodes if n.name == self.structure.stream[0])
         val = encoder.meta.get("val")
-        self.dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
-        self.device = device_of(gm)
+        self.model_dtype = val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
+        # terms are computed in the jet dtype: float32 for a half-precision model (docs/devices.md)
+        self.dtype = jet_dtype(gm) if self.model_dtype.is_floating_point else self.model_dtype
         for n in gm.graph.nodes:
             if n.op in ("get_attr", "call_module"):
                 self.attrs[n.target] = fetch_attr(gm, n.target)
+        self.unembedding = _unembedding_node(gm)
 
     # helpers
     def const(self, prefix: str, tensor: torch.Tensor) -> fx.Node:
+        """A tensor constant of the graph, on the model's device (a buffer: it moves with `.to()`)."""
         self.counter += 1
         target = f"{prefix}.t{self.counter}"
-        self.attrs[target] = tensor
+        self.attrs[target] = tensor.to(self.device)
         return self.graph.get_attr(target)
 
     def call(self, target, *args) -> fx.Node:
         return self.graph.call_function(target, tuple(args))
 
+    def in_compute_dtype(self, node: fx.Node) -> fx.Node:
+        """A value of the model (its own dtype) as a term (the jet dtype)."""
+        if self.dtype == self.model_dtype:
+            return node
+        return self.call(aten.to.dtype, node, self.dtype)
+
     def region(self, function):
+        """(region, name) of the function a jet is taken of, computing in the jet dtype. The decoder
+        is its part before U when U can be split off (`unembed` applies U after the jet)."""
         if function is None:
-            if split_decoder(self.gm) is not None:
-                return split_decoder(self.gm).norm, "decoder_norm"
-            return decoder_region(self.gm), "decoder"
-        return block_region(self.gm, function), _safe(function.name)
+            if self.unembedding is not None:
+                region, name = split_decoder(self.gm).norm, "decoder_norm"
+            else:
+                region, name = decoder_region(self.gm), "decoder"
+        else:
+            region, name = block_region(self.gm, function), _safe(function.name)
+        return compute_region(region, self.dtype), name
+
+    def unembed(self, function, out: fx.Node) -> fx.Node:
+        """Logits of stacked d-space decoder jets (N, …, d) when the decoder was split: U·J^k γ = J^k(U∘γ),
+        one GEMM per term instead of one per Taylor coefficient; in U's dtype, then the jet dtype."""
+        if function is not None or self.unembedding is None or self.decoder == "stream":
+            return out
+        node = self.unembedding
+        weight = self.env[node.args[1].name]
+        u_dtype = fetch_attr(self.gm, node.args[1].target).dtype
+        x = out if u_dtype == self.dtype else self.call(aten.to.dtype, out, u_dtype)
+        if node.target is aten.linear.default:
+            weight = self.call(aten.t.default, weight)
+        logits = self.call(_like_logits, self.call(aten.matmul.default, x, weight), self.env[logits_node(self.gm)])
+        return logits if u_dtype == self.dtype else self.call(aten.to.dtype, logits, self.dtype)
 
     def jet(self, function, k: int, recenter: bool = True) -> tuple[str, object]:
         region, name = self.region(function)
@@ -174,13 +229,13 @@ class _Lowering:
         pieces = [n if rs == list(range(self.sizes[n])) else self.index(n, rs) for n, rs in runs]
         out = pieces[0] if len(pieces) == 1 else self.call(aten.cat.default, pieces, 0)
         if any(f for _, _, f in rows):
-            out = self.call(aten.mul.Tensor, out, self.factors([f for _, _, f in rows]))
+            out = self.call(scale_terms, out, self.factors([f for _, _, f in rows]))
         self.gathered[key] = out
         return out
 
     def factors(self, factors: list[tuple]) -> fx.Node:
-        """(n, 1, 1, 1): per row, the product of its weights (one gather, and a segment product
-        where a row has several)."""
+        """(n,): per row, the product of its weights (one gather, and a segment product where a row
+        has several)."""
         sites = list(dict.fromkeys(w for f in factors for w, _ in f))
         vectors = [self.weights(self.site_weights[w]) for w in sites]
         offsets, total = {}, 0
@@ -199,7 +254,7 @@ class _Lowering:
             ones = self.call(aten.new_ones.default, flat, [len(factors)])
             product = self.graph.call_function(aten.scatter_reduce.two, (ones, 0, self.const("index", self.indices(segment)),
                                                                         picked, "prod"), {"include_self": True})
-        return self.call(aten.view.default, product, [-1, 1, 1, 1])
+        return product
 
     def indices(self, values) -> torch.Tensor:
         return torch.tensor(list(values), dtype=torch.long, device=self.device)
@@ -219,13 +274,13 @@ class _Lowering:
         if isinstance(t, SplitJet):
             return self._lower_split(t)
         if isinstance(t, Stream):
-            node = self.call(aten.unsqueeze.default, self.env[s.stream[t.index]], 0)
+            node = self.in_compute_dtype(self.call(aten.unsqueeze.default, self.env[s.stream[t.index]], 0))
         elif isinstance(t, Branch):
-            node = self.call(aten.unsqueeze.default, self.env[t.block.output], 0)
+            node = self.in_compute_dtype(self.call(aten.unsqueeze.default, self.env[t.block.output], 0))
         elif isinstance(t, Logits):
-            node = self.call(aten.unsqueeze.default, self.env[logits_node(self.gm)], 0)
+            node = self.in_compute_dtype(self.call(aten.unsqueeze.default, self.env[logits_node(self.gm)], 0))
         elif isinstance(t, Constant):
-            value = self.const("centers", t.value)
+            value = self.const("centers", t.value.to(self.dtype))
             node = self.call(broadcast_center, value, self.env[s.stream[0]], ",".join(t.names))
         elif isinstance(t, Grouped):
             src = self.node(t.source)
@@ -255,27 +310,11 @@ class _Lowering:
             target, region = self.jet(f, t.k, t.recenter)
             variate = self.env[self.structure.decoder.input if f is None else f.input]
             side = [self.env[name] for name in region.side_inputs]
-            node = self.graph.call_module(target, (c, variate, *side))
-            if f is None and self.decoder == "logits" and split_decoder(self.gm) is not None:
-                node = self.unembed(node)
+            node = self.unembed(f, self.graph.call_module(target, (c, variate, *side)))
             self.sizes[node] = len(idx)
             for position, i in enumerate(idx):
                 out[(i, j)] = (node, position, ((w, i),))
         return [out[pair] for pair in t.pairs]
-
-    def unembed(self, node: fx.Node) -> fx.Node:
-        """U applied to d-space decoder jets as the model applies it (linear, or a product with a
-        (d, V) matrix), cast to the logits' dtype."""
-        d = self.structure.decoder
-        applies = next(n for n in self.gm.graph.nodes if n.op == "call_function" and n.args
-                       and getattr(n.args[0], "name", None) == d.norm_output and len(n.args) > 1
-                       and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target == d.unembedding)
-        op = aten.matmul.default if applies.target is aten.mm.default else applies.target  # mm is 2-D only
-        logits = self.call(op, node, self.env[applies.args[1].name])
-        val = next(n for n in self.gm.graph.nodes if n.name == logits_node(self.gm)).meta.get("val")
-        if isinstance(val, torch.Tensor) and val.dtype != self.dtype:
-            logits = self.call(aten.to.dtype, logits, val.dtype)
-        return logits
 
     def _lower_split(self, t: SplitJet) -> list:
         """One batched call per (block, multiplicity pattern); each part is a row of its call."""
@@ -293,9 +332,7 @@ class _Lowering:
             # degree 0 takes no directions (the mixed jet evaluates f(x_i)); pass the centers along
             dirs = self.call(_as_directions, self.gather(t.centers, flat), len(members), len(mult)) if flat else c
             side = [self.env[name] for name in region.side_inputs]
-            node = self.graph.call_module(target, (c, dirs, *side))
-            if f is None and self.decoder == "logits" and split_decoder(self.gm) is not None:
-                node = self.unembed(node)
+            node = self.unembed(f, self.graph.call_module(target, (c, dirs, *side)))
             self.sizes[node] = len(members)
             for position, p in enumerate(members):
                 out[p] = (node, position, ((w, t.parts[p][0]),))
@@ -315,9 +352,20 @@ class _Lowering:
         return tuple(site.with_used(used.get(id(site.weights), set())) for site in self.sites)
 
 
+def scale_terms(terms: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """w_i · term_i for stacked terms (N, …) of any rank: (N, B, T, d) streams of a transformer,
+    (N, B, d) of a residual MLP, (N, B, V) logits of a classifier."""
+    return terms * weights.reshape(-1, *([1] * (terms.dim() - 1)))
+
+
 def _as_directions(flat: torch.Tensor, n: int, s: int) -> torch.Tensor:
     """(n·s, B, T, d) gathered directions → (n, s, B, T, d)."""
     return flat.reshape(n, s, *flat.shape[1:])
+
+
+def _like_logits(stacked: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(N, …, V) unembedded terms → (N, *logits.shape): the reshapes that followed U in the model."""
+    return stacked.reshape(stacked.shape[0], *logits.shape)
 
 
 def _grouped_shape(src: torch.Tensor, groups: int) -> list:
@@ -357,12 +405,12 @@ def fit_graph(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto") -> FitGra
     """
     if not isinstance(terms, Terms) or terms.space != LOGITS:
         raise ExpansionError("jet weights are fitted on terms expanded at the decoder")
-    split = split_decoder(gm)
-    low = _Lowering(gm, jets, decoder="stream" if split is not None else "logits")
+    low = _Lowering(gm, jets, decoder="stream")
+    dspace = low.unembedding is not None  # the decoder's jets stop before U (else they are logits)
     stacked = low.lower(terms)
-    target = low.env[residual_of(gm).decoder.norm_output if split is not None else logits_node(gm)]
+    target = low.in_compute_dtype(low.env[residual_of(gm).decoder.norm_output if dspace else logits_node(gm)])
     low.graph.output((stacked, target))
-    return FitGraph(low.attrs, low.graph, low.finish_sites(terms), split is not None)
+    return FitGraph(low.attrs, low.graph, low.finish_sites(terms), dspace)
 
 
 def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", path_graph: PathGraph | None = None,
@@ -376,10 +424,19 @@ def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", p
     logits = low.env[logits_node(gm)]
     total = low.call(aten.sum.dim_IntList, stacked, [0])
     remainder = low.call(aten.sub.Tensor, logits, total)
+    # hook points, after the remainder: overwriting a path changes Σ paths + remainder by the change
+    hooks = PathHooks(terms.names)
+    for key, hook in hooks.items():
+        low.attrs[f"hooks.{key}"] = hook
+    hooked = [low.graph.call_module(f"hooks.{hooks.key(name)}", (low.call(aten.select.int, stacked, 0, i),))
+              for i, name in enumerate(terms.names)]
+    stacked = low.call(aten.stack.default, hooked, 0)
+    remainder = low.graph.call_module(f"hooks.{REMAINDER}", (remainder,))
     low.graph.output((stacked, remainder, logits))
     module = ExpandedModule(low.attrs, low.graph, class_name="ExpandedModule")
     module.weight_sites = low.finish_sites(terms)
     module.jets_method = jets
+    module.hooks = hooks  # the same hook modules, in a container that finds them by path name
     module.path_names = terms.names
     module.terms = terms
     module.structure = residual_of(gm)

@@ -31,6 +31,7 @@ from functools import lru_cache
 import torch
 from torch import fx
 
+from .batching import map_centers
 from .taylor import taylor_graph_module
 
 CHUNK = 256  # univariate passes per vmap call
@@ -104,13 +105,17 @@ class MixedJet(torch.nn.Module):
         self.region = region
         if self.degree:
             row = interpolation_row(self.multiplicities)
-            self.register_buffer("points", torch.tensor([a for a, _ in row], dtype=torch.float64), persistent=False)
-            self.register_buffer("weights", torch.tensor([w for _, w in row], dtype=torch.float64), persistent=False)
+            # on the region's device: no host → device copy per call (buffers: they move with `.to()`)
+            device = next(region.parameters(), torch.empty(0)).device
+            self.register_buffer("points", torch.tensor([a for a, _ in row], dtype=torch.float64, device=device),
+                                 persistent=False)
+            self.register_buffer("weights", torch.tensor([w for _, w in row], dtype=torch.float64, device=device),
+                                 persistent=False)
             self.graph_module = directional_graph(region, self.degree)
 
     def forward(self, centers: torch.Tensor, directions: torch.Tensor, *side):
         if self.degree == 0:
-            return torch.func.vmap(lambda x: self.region(x, *side))(centers)
+            return map_centers(lambda x: self.region(x, *side), centers)
         n, p = centers.shape[0], self.points.shape[0]
         points = self.points.to(directions.device, directions.dtype)
         # u(a) = Σ_j a_j u_j for every point a: (N, P, …)
@@ -121,7 +126,7 @@ class MixedJet(torch.nn.Module):
         def top(xi, ui):
             return gm(xi, ui, *side)[d]
 
-        parts = [torch.func.vmap(top)(x[i:i + CHUNK], u[i:i + CHUNK]) for i in range(0, n * p, CHUNK)]
+        parts = [map_centers(top, x[i:i + CHUNK], u[i:i + CHUNK]) for i in range(0, n * p, CHUNK)]
         c = torch.cat(parts).reshape(n, p, *parts[0].shape[1:])
         return torch.einsum("p,np...->n...", self.weights.to(c.device, c.dtype), c)
 

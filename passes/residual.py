@@ -124,9 +124,10 @@ def _short_name(qualname: str) -> str:
 class _Namer:
     """Names blocks after the module (under the common module path) holding most parameters."""
 
-    def __init__(self, gm: fx.GraphModule, strip_prefix: str):
+    def __init__(self, gm: fx.GraphModule, strip_prefix: str, dep: set[fx.Node] = frozenset()):
         self.gm = gm
         self.strip = strip_prefix
+        self.dep = dep
 
     def path(self, node: fx.Node) -> str | None:
         p = module_path(node)
@@ -135,6 +136,15 @@ class _Namer:
         if self.strip and (p == self.strip.rstrip(".") or p.startswith(self.strip)):
             p = p[len(self.strip) :] if p.startswith(self.strip) else ""
         return p
+
+    def params_behind(self, node: fx.Node, depth: int = 6) -> set[str]:
+        """Parameters a constant input is made of: `get_attr` itself, or through a few ops on
+        weights (TransformerLens reshapes W_Q, W_K, W_V before its matmuls)."""
+        if node.op == "get_attr":
+            return {node.target}
+        if node.op != "call_function" or depth == 0 or node in self.dep:
+            return set()
+        return {t for a in node.all_input_nodes for t in self.params_behind(a, depth - 1)}
 
     def qualname(self, region: set[fx.Node]) -> str:
         paths = [(n, self.path(n)) for n in region]
@@ -154,13 +164,12 @@ class _Namer:
                 continue
             child = parts[len(common)]
             weight = 0.0
-            for a in n.all_input_nodes:
-                if a.op == "get_attr":
-                    try:
-                        t = fetch_attr(self.gm, a.target)
-                        weight += t.numel() if isinstance(t, torch.Tensor) else 0
-                    except AttributeError:
-                        pass
+            for target in {t for a in n.all_input_nodes if a not in region for t in self.params_behind(a)}:
+                try:
+                    t = fetch_attr(self.gm, target)
+                    weight += t.numel() if isinstance(t, torch.Tensor) else 0
+                except AttributeError:
+                    pass
             scores[child] = scores.get(child, 0.0) + weight + 1e-3  # node count breaks ties
         best = max(scores, key=scores.get) if scores else None
         # a block spanning several children of a Sequential/ModuleList is named after the container
@@ -229,7 +238,7 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
                     "h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
                 )
 
-    namer = _Namer(gm, strip_prefix)
+    namer = _Namer(gm, strip_prefix, dep)
     order = {n: i for i, n in enumerate(graph.nodes)}
     steps: list[Step] = []
     region_nodes: set[fx.Node] = set()

@@ -1,6 +1,6 @@
 """Benchmark fitting jet weights on SmolLM2, as a ratio to one forward pass measured side by side.
 
-    .venv/bin/python tools/bench_weights.py [--out bench_weights.json] [--evals 100]
+    .venv/bin/python tools/bench_weights.py [--out bench_weights.json] [--evals 100] [--runs k1_simplex]
 
 The forward pass is the traced model on the demo sentence (no grad; median of repeated runs taken
 before, between and after the fits). Fits: the paths through ≤ 1 block, k = 1, on the simplex
@@ -38,6 +38,8 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default=DEMO)
     ap.add_argument("--evals", type=int, default=100, help="loss evaluations per fit (fit_weights' default)")
+    ap.add_argument("--runs", nargs="+", choices=("k1_simplex", "k0_affine"), default=["k1_simplex", "k0_affine"],
+                    help="which fits to time (k0_affine: each loss evaluation runs the blocks, ~100× k1_simplex's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     model, tok = jetfx.load(args.model, progress=False)
@@ -57,10 +59,12 @@ def main(argv=None):
     result = {"model": args.model, "text": args.text, "tokens": int(ids.shape[1]), "threads": torch.get_num_threads(),
               "runs": {}}
     for name, k, constraint in (("k1_simplex", 1, "simplex"), ("k0_affine", 0, "affine")):
+        if name not in args.runs:
+            continue
         t = time.perf_counter()
         ex = jetfx.expand(gm, k=k, paths=P.max_blocks(1))
         compile_s = time.perf_counter() - t
-        cache_of(gm).pop(("gram",), None)  # cold: UᵀU not computed yet
+        cache_of(gm).pop(("gram", torch.float64), None)  # cold: UᵀU not computed yet
         cold = fit_weights(ex, args.text, constraint=constraint, max_evals=args.evals)
         forward_passes()
         warm = fit_weights(ex, args.text, constraint=constraint, max_evals=args.evals)

@@ -14,7 +14,8 @@ never used to fit. For k ≥ 1 also the held-out metrics of the paths with their
 at order 0 (U·γ_{L+1}(x_p): what the paths' centers give without the decoder's derivative along
 h_L − x_p, which contains the true final stream). Metrics are computed in d-space (Σ paths = U·Σ e,
 one unembedding), so 1831 paths cost one. `--quick`: paths through ≤ 1 block only. Prints JSON
-(also written to --out).
+(also written to --out) and, to stderr, the markdown table of docs/weights.md (`--render a.json b.json` makes
+it from saved reports).
 """
 
 from __future__ import annotations
@@ -56,8 +57,25 @@ def _rounded(d: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
+def markdown(runs: list[dict]) -> str:
+    """The runs as the table of docs/weights.md (held-out figures, then the demo sentence's)."""
+    head = ("| k | paths | weights | held-out: paths | rem. | cos | top-1 | order 0: cos | paths | demo: paths | rem. | "
+            "cos | top-1 |\n" + "|" + " --- |" * 13)
+    lines = [head]
+    for r in runs:
+        h, d, o = r["held_out"], r["demo"], r.get("held_out_decoder_order0")
+        what = r["weights"] + (f" ({r['constraint']})" if r["constraint"] else "")
+        order0 = f"{o['cosine']:.3f} | {o['paths_norm']:.3g}" if o else "– | –"
+        lines.append(f"| {r['k']} | ≤ {r['paths'][-1]} ({r['n_paths']}) | {what} | {h['paths_norm']:.3g} | "
+                     f"{h['remainder_norm']:.3g} | {h['cosine']:.3f} | {h['top1']:.3f} | {order0} | "
+                     f"{d['paths_norm']:.3g} | {d['remainder_norm']:.3g} | {d['cosine']:.3f} | {d['top1']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                    help="print the markdown table of saved reports (in order) and exit")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="paths through ≤ 1 block only")
     ap.add_argument("--ks", type=int, nargs="*", default=[0, 1])
@@ -66,6 +84,9 @@ def main(argv=None):
     ap.add_argument("--no-corpus", action="store_true", help="skip the fits on a corpus of 10 other sentences")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.render:
+        print(markdown([run for f in args.render for run in json.loads(Path(f).read_text())["runs"]]))
+        return
     if len(HELD_OUT) != 20:
         raise SystemExit(f"expected 20 held-out sentences, have {len(HELD_OUT)}")
     model, tok = jetfx.load(args.model, progress=False)
@@ -102,11 +123,14 @@ def main(argv=None):
                 if k >= 1:  # the same paths through the decoder alone, without its derivatives along h_L − x_p
                     run["held_out_decoder_order0"] = _rounded(faithfulness(ex, HELD_OUT, decoder_order=0))
                 report["runs"].append(run)
+                if args.out:  # after every run: a long report interrupted keeps what it measured
+                    Path(args.out).write_text(json.dumps(report, indent=1))
                 print(f"k={k} {label:13s} {weights:19s} {constraint or '':8s} demo cos {run['demo']['cosine']:.4f} "
                       f"paths {run['demo']['paths_norm']:.3g} | held-out cos {run['held_out']['cosine']:.4f} "
                       f"top1 {run['held_out']['top1']:.3f} paths {run['held_out']['paths_norm']:.3g} "
                       f"remainder {run['held_out']['remainder_norm']:.3g} ({seconds:.1f} s)", file=sys.stderr, flush=True)
                 del ex
+    print(markdown(report["runs"]), file=sys.stderr)
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
