@@ -54,7 +54,8 @@ FIT_CORPUS = [
 
 
 def _rounded(d: dict) -> dict:
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+    """6 significant digits (not decimals: Algorithm 2's paths carry ~1e-12, which must not read 0)."""
+    return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in d.items()}
 
 
 def markdown(runs: list[dict]) -> str:
