@@ -2,11 +2,13 @@
 
 `add_parsers(subparsers)` registers them; each sets `func` to its run function (args) -> int.
 Every file argument is checked before the model is loaded; `jetfx ngrams` resumes an interrupted
-run and reuses a finished one (see docs/ngrams.md).
+run and reuses a finished one (see docs/ngrams.md). Started by `torchrun`, `jetfx ngrams` shares its
+chunks out over the ranks; rank 0 writes the database and prints (docs/ngrams.md, README).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -16,17 +18,28 @@ from .ngram_db import TIMEOUT
 
 
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("ngrams", help="data-free jet bigram / trigram tables into an SQLite db")
+    p = subparsers.add_parser("ngrams", help="data-free jet bigram / trigram tables into an SQLite db",
+                              epilog="Over several processes or machines: torchrun --nproc-per-node N -m jetfx ngrams "
+                                     "… (rank 0 writes the db; --device cuda: one GPU a rank). See the README.")
     add_model_args(p, device_default=None)
     p.add_argument("--path", action="append", default=None,
-                   help="'embed', a block ('layers.3.mlp'), 'mlps' (all MLP paths) or '<attn block>:h<head>' (trigram); repeatable")
+                   help="'embed', a block ('layers.3.mlp'), 'mlps' (all MLP paths), '<attn block>:h<head>' (trigram), "
+                        "'heads' (the trigram paths of every attention head) or 'all' (embed and every MLP path; "
+                        "with --trigrams every head too); repeatable")
+    p.add_argument("--trigrams", action="store_true", help="with --path all: also the trigram path of every head")
+    p.add_argument("--heads", type=head_list, default=None,
+                   help="with --path all --trigrams or --path heads: 'all' (default) or comma-separated head indices")
     p.add_argument("--db", default="ngrams.sqlite", help="SQLite file (created if missing; its folder must exist)")
     p.add_argument("--top-k", type=non_negative_int, default=1000, help="global top-K n-grams to keep (default 1000)")
     p.add_argument("--per-context", type=non_negative_int, default=0, help="also keep the top N per source token")
-    p.add_argument("--score", choices=("logprob", "logit"), default="logprob")
+    p.add_argument("--score", choices=("logprob", "logit"), default="logprob",
+                   help="ranking of bigram paths (trigram paths are ranked by logit: the pruned search)")
     p.add_argument("--drop-self", action="store_true", help="leave self-transitions v→v out of the rankings")
-    p.add_argument("--chunk-size", type=positive_int, default=2048, help="source tokens per chunk (default 2048)")
-    p.add_argument("--max-chunks", type=positive_int, default=None, help="stop after this many chunks (resume later)")
+    p.add_argument("--chunk-size", type=positive_int, default=2048,
+                   help="source tokens a chunk (bigrams), or about this many contexts a chunk, whole rows of "
+                        "--first (trigrams); default 2048")
+    p.add_argument("--max-chunks", type=positive_int, default=None,
+                   help="stop after this many chunks in all (resume later)")
     p.add_argument("--first", type=token_ids, default=None, help="trigrams: comma-separated ids for v1 (default: all)")
     p.add_argument("--second", type=token_ids, default=None, help="trigrams: comma-separated ids for v2 (default: all)")
     p.add_argument("--recompute", action="store_true",
@@ -57,6 +70,16 @@ def add_parsers(subparsers) -> None:
     m.set_defaults(func=run_mass)
 
 
+def head_list(text: str) -> list[int] | None:
+    """'all' → None (every head); '0,3' → [0, 3]."""
+    if text.strip().lower() == "all":
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated head indices such as 0,3, got {text!r}")
+    return list(dict.fromkeys(int(p) for p in parts))
+
+
 def _trace(args):
     import torch
 
@@ -66,13 +89,6 @@ def _trace(args):
     model, tok = load_model(args)
     ids = torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)
     return jetfx.trace(model, ids, tokenizer=tok)
-
-
-def _selection(first, second) -> str:
-    """How a trigram run's contexts were restricted (part of what identifies the run)."""
-    if first is None and second is None:
-        return ""
-    return json.dumps({"first": first, "second": second})
 
 
 def _print_rows(rows) -> None:
@@ -85,76 +101,134 @@ def _print_rows(rows) -> None:
         print(f"{r['rank']:5d}  {arrow:<40}  logit {r['logit']:9.4f}  logP {lp:11.5g}  P {p}")
 
 
-def run_ngrams(args) -> int:
+def job_paths(gm, args) -> list:
+    """The paths `--path`, `--trigrams` and `--heads` name, parsed (every one checked before any is
+    computed), each once, in the order given."""
     from . import ngrams as N
     from .errors import InputError
-    from .ngram_db import NgramDB, RunInterrupted, extract
 
-    NgramDB.check_file(args.db)  # before the model is loaded
-    if args.top_k == 0 and args.per_context == 0:
-        raise InputError("--top-k 0 and --per-context 0 keep nothing; give --top-k K and/or --per-context N")
-    gm = _trace(args)
-    paths = []
-    for p in args.path or ["embed"]:
-        paths += N.bigram_paths(gm)[1:] if p == "mlps" else [p]
-    parsed = [N.parse_path(gm, p) for p in paths]  # every path checked before the first is computed
-    for path in parsed:
-        if path.n == 2 and (args.first is not None or args.second is not None):
-            raise InputError(f"--first/--second restrict trigram contexts; {path.name} is a bigram path")
-    if gm.jetfx.tied_embeddings and any(p.name == N.ENCODER_PATH for p in parsed) and not args.drop_self:
+    specs = args.path or ["embed"]
+    if args.trigrams and "all" not in specs:
+        raise InputError("--trigrams adds the trigram paths of the heads to --path all; for one head give "
+                         "--path '<attn block>:h<head>', for every head --path heads")
+    if args.heads is not None and not (args.trigrams or "heads" in specs):
+        raise InputError("--heads picks the heads of --path all --trigrams or --path heads")
+    names = []
+    for p in specs:
+        if p == "mlps":
+            names += N.bigram_paths(gm)[1:]
+        elif p == "all":
+            names += N.bigram_paths(gm) + (N.head_paths(gm, args.heads) if args.trigrams else [])
+        elif p == "heads":
+            names += N.head_paths(gm, args.heads)
+        else:
+            names.append(p)
+    parsed = list(dict.fromkeys(N.parse_path(gm, p) for p in names))
+    if not parsed:
+        raise InputError(f"{args.model} has no paths of the kinds asked for ({', '.join(specs)})")
+    if (args.first is not None or args.second is not None) and all(p.n == 2 for p in parsed):
+        bigram = next(p for p in parsed if p.n == 2)
+        raise InputError(f"--first/--second restrict trigram contexts; {bigram.name} is a bigram path")
+    return parsed
+
+
+def run_ngrams(args) -> int:
+    """Under torchrun every rank runs this: rank 0 checks the database, writes it and prints; a
+    step that fails on any rank stops every rank (one message, from rank 0)."""
+    from . import distributed as D
+    from .errors import JetfxError
+
+    group = D.join()
+    try:
+        return _run_ngrams(args, group)
+    except BaseException as e:
+        if group.main:
+            if isinstance(e, D.PeerLost):  # a rank stopped before the work was shared out
+                print(f"jetfx: a rank stopped before the job began ({e}); nothing was computed", file=sys.stderr)
+                return 130
+            raise
+        # the other ranks stay quiet about what rank 0 reports (interruptions, lost ranks, errors every
+        # rank saw); an error of their own they report, with their rank
+        if isinstance(e, (KeyboardInterrupt, D.PeerLost)):
+            return 130
+        if isinstance(e, JetfxError):
+            if not getattr(e, "agreed", False):
+                print(f"jetfx: rank {group.rank} (on {group.hosts[group.rank]}): error: {e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        group.close()
+
+
+def _run_ngrams(args, group) -> int:
+    from . import distributed as D
+    from . import ngrams as N
+    from .errors import InputError
+    from .ngram_db import NgramDB, RunInterrupted
+    from .ngram_job import JobStats, Settings, extract_paths
+
+    def checks():
+        args.device = D.rank_device(args.device)
+        if group.main:
+            NgramDB.check_file(args.db)  # before the model is loaded
+        if args.top_k == 0 and args.per_context == 0:
+            raise InputError("--top-k 0 and --per-context 0 keep nothing; give --top-k K and/or --per-context N")
+
+    group.checked(checks)
+    gm = group.checked(lambda: _trace(args))
+    parsed = group.checked(lambda: job_paths(gm, args))
+    if group.main and gm.jetfx.tied_embeddings and any(p.name == N.ENCODER_PATH for p in parsed) and not args.drop_self:
         print(f"note: {args.model} has tied embeddings (E = U): the 'embed' path is dominated by "
               "self-transitions v→v; --drop-self leaves them out", file=sys.stderr)
+    settings = Settings(top_k=args.top_k, per_context=args.per_context, score=args.score, drop_self=args.drop_self,
+                        chunk_size=args.chunk_size, first=None if args.first is None else tuple(args.first),
+                        second=None if args.second is None else tuple(args.second))
+    db = group.checked(lambda: NgramDB(args.db, timeout=args.db_timeout) if group.main else None)
+    if group.main and group.world > 1:
+        print(f"jetfx: {group.describe()}; rank 0 (on {group.hosts[0]}) writes {args.db}", file=sys.stderr)
+    stats = JobStats()
+    try:
+        tasks = extract_paths(db, gm, parsed, name=args.model, settings=settings, group=group,
+                              recompute=args.recompute, progress=not args.no_progress, max_chunks=args.max_chunks,
+                              stats=stats)
+        if not group.main:
+            return 0
+        return _report(db, tasks, stats, args)
+    except RunInterrupted as e:
+        print(f"jetfx: {e}", file=sys.stderr)
+        return 130
+    finally:
+        if db is not None:
+            db.close()
+
+
+def _report(db, tasks, stats, args) -> int:
+    """Rank 0: what was computed, then the top rows of every complete path."""
+    if stats.computed or stats.saved_elsewhere:
+        before = f"; {stats.saved_before} were saved before" if stats.saved_before else ""
+        elsewhere = f"; {stats.saved_elsewhere} saved meanwhile by another process" if stats.saved_elsewhere else ""
+        print(f"jetfx: {stats.computed} chunk{'s' if stats.computed != 1 else ''} computed by {stats.group} in "
+              f"{stats.seconds:.1f} s{before}{elsewhere}", file=sys.stderr)
     out = []
-    with NgramDB(args.db, timeout=args.db_timeout) as db:
-        for done_before, path in enumerate(parsed):
-            if path.n == 3:
-                run_id, table = _trigrams(db, gm, path, args)
-            else:
-                try:
-                    run_id, table = extract(db, gm, path.name, name=args.model, top_k=args.top_k,
-                                            per_context=args.per_context, score=args.score, drop_self=args.drop_self,
-                                            chunk_size=args.chunk_size, progress=not args.no_progress,
-                                            max_chunks=args.max_chunks, recompute=args.recompute)
-                except RunInterrupted as e:
-                    earlier = f" ({done_before} earlier path{'s' if done_before != 1 else ''} complete)" if done_before else ""
-                    print(f"jetfx: {e}{earlier}", file=sys.stderr)
-                    return 130
-                if table.reused:
-                    print(f"run {run_id} ({args.model} {path.name}) is already complete in {args.db}: showing it "
-                          "(--recompute computes it again)", file=sys.stderr)
-                elif not table.complete:
-                    print(f"run {run_id} ({path.name}): {table.chunks_done} of {table.num_chunks} chunks done; "
-                          "run the same command again to resume", file=sys.stderr)
-                    continue
-                _note_other_chunk_sizes(db, run_id, path.name, args)
-            rows = db.top(run_id, args.show)
-            out.append({"run": run_id, "path": path.name, "top": rows})
-            if not args.json:
-                print(f"== run {run_id}: {args.model} {path.name} (top {len(rows)} by {table.score})")
-                _print_rows(rows)
+    for task in tasks:
+        table, path = task.table, task.path
+        if table.reused:
+            print(f"run {task.run_id} ({args.model} {path.name}) is already complete in {args.db}: showing it "
+                  "(--recompute computes it again)", file=sys.stderr)
+        elif not table.complete:
+            print(f"run {task.run_id} ({path.name}): {table.chunks_done} of {table.num_chunks} chunks done; "
+                  "run the same command again to resume", file=sys.stderr)
+            continue
+        if path.n == 2:
+            _note_other_chunk_sizes(db, task.run_id, path.name, args)
+        rows = db.top(task.run_id, args.show)
+        out.append({"run": task.run_id, "path": path.name, "top": rows})
+        if not args.json:
+            print(f"== run {task.run_id}: {args.model} {path.name} (top {len(rows)} by {table.score})")
+            _print_rows(rows)
     if args.json:
         print(json.dumps(out, indent=1))
     return 0
-
-
-def _trigrams(db, gm, path, args):
-    from . import ngrams as N
-
-    selection = _selection(args.first, args.second)
-    model_id = db.add_model(gm, args.model)
-    if not args.recompute:
-        run_id = db.finished_run(model_id, path.name, n=3, score="logit", top_k=args.top_k, selection=selection)
-        if run_id is not None:
-            print(f"run {run_id} ({args.model} {path.name}) is already complete in {args.db}: showing it "
-                  "(--recompute computes it again)", file=sys.stderr)
-            return run_id, db.table(run_id)
-    try:
-        table = N.trigram_table(gm, path.name, first=args.first, second=args.second, top_k=args.top_k,
-                                score="logit", progress=not args.no_progress)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted; trigram tables are computed in one piece, nothing of {path.name} "
-                                "was saved") from None
-    return db.save_table(model_id, table, top_k=args.top_k, selection=selection, recompute=args.recompute), table
 
 
 def _note_other_chunk_sizes(db, run_id, path, args) -> None:

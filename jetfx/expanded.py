@@ -268,15 +268,17 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
             overrides = weight_overrides(self, weights)  # (tensors that require grad stay as they are)
             return torch.func.functional_call(self, overrides, (tokens, *args), {**kwargs, "weights": _SWAPPED},
                                               strict=False)
-        compiled = self.__dict__.get("_jetfx_compiled")
-        if compiled is not None and weights is None and not args and not kwargs and not _hooked(self):
+        compiled, hooked = self.__dict__.get("_jetfx_compiled"), _hooked(self)
+        if compiled is not None and weights is None and not args and not kwargs and not hooked:
             raw = compiled(self, tokens)
         else:  # eager: also whenever a hook point is hooked (compiled code would not see new hooks)
             raw = super().__call__(tokens, *args, **kwargs)
         if not isinstance(raw, tuple) or len(raw) != 3:
             raise InputError("the expanded module returned an unexpected value (was its graph edited?)")
         out = ExpansionOutput(self.path_names, *raw)
-        if getattr(self, "check_exactness", True) and out.logits.device.type != "meta":
+        # a hooked path may have been changed on purpose (intervene, ablate, patch, nnsight): the
+        # identity is the module's, not the intervention's, so it is checked only on plain calls
+        if getattr(self, "check_exactness", True) and not hooked and out.logits.device.type != "meta":
             out.check()  # one scalar read per call; set `check_exactness = False` to skip it
         return out
 

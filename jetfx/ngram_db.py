@@ -71,23 +71,34 @@ class RunInfo:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run was interrupted (Ctrl-C, SIGTERM); its finished chunks are saved and it resumes."""
+    """A run was interrupted (Ctrl-C, SIGTERM, a lost rank); its finished chunks are saved and it resumes.
+    `earlier`: how many paths before it in the same job are complete."""
 
-    def __init__(self, run_id: int, path: str, chunks_done: int, num_chunks: int, db_path: str):
-        super().__init__(f"interrupted; {chunks_done} of {num_chunks} chunks of {path} saved in {db_path}, "
-                         "re-run the same command to resume")
+    def __init__(self, run_id: int, path: str, chunks_done: int, num_chunks: int, db_path: str, *,
+                 reason: str = "interrupted", earlier: int = 0):
+        more = f" ({earlier} earlier path{'s' if earlier != 1 else ''} complete)" if earlier else ""
+        super().__init__(f"{reason}; {chunks_done} of {num_chunks} chunks of {path} saved in {db_path}, "
+                         f"re-run the same command to resume{more}")
         self.run_id, self.path, self.chunks_done, self.num_chunks = run_id, path, chunks_done, num_chunks
+        self.earlier = earlier
 
 
 class Run:
-    """A run's checkpoint: finished chunks and their rows (what `bigram_table(checkpoint=)` uses).
+    """A run's checkpoint: finished chunks and their rows (what `bigram_table(checkpoint=)` and
+    `jetfx.ngram_job` use). Candidate rows are (t1, t2, logit, logprob), or (t1, t2, t3, logit,
+    logprob) for a trigram run (n = 3).
 
     Saving a chunk is idempotent: a chunk another process saved first is not stored twice.
     `finished` tells whether the run was already complete when it was opened.
     """
 
-    def __init__(self, db: NgramDB, run_id: int, finished: bool = False):
+    def __init__(self, db: NgramDB, run_id: int, finished: bool = False, n: int | None = None):
         self.db, self.id, self.finished = db, run_id, finished
+        if n is None:
+            row = db.con.execute("SELECT n FROM runs WHERE id=?", (run_id,)).fetchone()
+            n = row[0] if row else 2
+        self.n = n
+        self._ids = "t1, t2" if n == 2 else "t1, t2, t3"
 
     def done(self) -> set[int]:
         return {r[0] for r in self.db.con.execute("SELECT chunk FROM chunks WHERE run=?", (self.id,))}
@@ -96,22 +107,28 @@ class Run:
         return self.db.con.execute("SELECT 1 FROM chunks WHERE run=? AND chunk=?", (self.id, chunk)).fetchone() is not None
 
     def load(self):
-        """(candidates (t1, t2, logit, logprob), per-context rows (t1, rank, t2, logit, logprob)) of the
-        saved chunks; for a run another process has finished meanwhile, its final top-K rows."""
+        """(candidates (t1, t2[, t3], logit, logprob), per-context rows (t1, rank, t2, logit, logprob)) of
+        the saved chunks; for a run another process has finished meanwhile, its final top-K rows."""
         with self.db._read():
-            cand = self.db.con.execute("SELECT t1, t2, logit, logprob FROM ngrams WHERE run=? AND "
+            cand = self.db.con.execute(f"SELECT {self._ids}, logit, logprob FROM ngrams WHERE run=? AND "
                                        "scope IN ('cand', 'top')", (self.id,)).fetchall()
             ctx = self.db.con.execute("SELECT t1, rank, t2, logit, logprob FROM ngrams WHERE run=? AND "
                                       "scope='context' ORDER BY t1, rank", (self.id,)).fetchall()
         return cand, ctx
+
+    def candidates(self) -> list[tuple]:
+        """The candidate rows of `load()` alone (what a resumed run starts its running top-K from)."""
+        return self.db.con.execute(f"SELECT {self._ids}, logit, logprob FROM ngrams WHERE run=? AND "
+                                   "scope IN ('cand', 'top')", (self.id,)).fetchall()
 
     def save(self, chunk: int, cand_rows, ctx_rows) -> bool:
         """Commit one chunk's rows with its entry in `chunks`; False if it was saved already."""
         with self.db._write() as con:
             if con.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (self.id, chunk)).rowcount == 0:
                 return False
-            con.executemany("INSERT INTO ngrams(run, scope, rank, t1, t2, logit, logprob) "
-                            "VALUES (?, 'cand', NULL, ?, ?, ?, ?)", [(self.id, *r) for r in cand_rows])
+            marks = ", ".join("?" * (self.n + 2))
+            con.executemany(f"INSERT INTO ngrams(run, scope, rank, {self._ids}, logit, logprob) "
+                            f"VALUES (?, 'cand', NULL, {marks})", [(self.id, *r) for r in cand_rows])
             con.executemany("INSERT INTO ngrams(run, scope, t1, rank, t2, logit, logprob) "
                             "VALUES (?, 'context', ?, ?, ?, ?, ?)", [(self.id, *r) for r in ctx_rows])
         return True
@@ -295,15 +312,15 @@ class NgramDB:
                 row = con.execute(f"SELECT id FROM runs WHERE {self._SAME} AND status='done' ORDER BY id DESC",
                                   same).fetchone()
                 if row:
-                    return Run(self, row[0], finished=True)
+                    return Run(self, row[0], finished=True, n=n)
             row = con.execute(f"SELECT id FROM runs WHERE {self._SAME} AND chunk_size=? AND status='running' "
                               "ORDER BY id DESC", (*same, chunk_size)).fetchone()
             if row:
-                return Run(self, row[0])
+                return Run(self, row[0], n=n)
             cur = con.execute("INSERT INTO runs(model, path, n, score, top_k, per_context, drop_self, selection, "
                               "chunk_size, num_chunks, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
                               "'running', ?)", (*same, chunk_size, num_chunks, _now()))
-            return Run(self, cur.lastrowid)
+            return Run(self, cur.lastrowid, n=n)
 
     def unfinished_runs(self, model_id: int, path: str, *, n: int = 2, score: str, top_k: int, per_context: int,
                         drop_self: bool, selection: str = "") -> list[tuple[int, int, int, int]]:
@@ -477,34 +494,26 @@ class NgramDB:
 
 def extract(db: NgramDB, gm, path: str = "embed", *, name: str | None = None, top_k: int = 1000,
             per_context: int = 0, score: str = "logprob", drop_self: bool = False, chunk_size: int = 2048,
-            progress: bool = True, max_chunks: int | None = None, recompute: bool = False):
-    """Compute, resume or reuse a bigram table in `db`; returns (run id, table).
+            progress: bool = True, max_chunks: int | None = None, recompute: bool = False, first=None,
+            second=None):
+    """Compute, resume or reuse the table of one path in `db`; returns (run id, table).
 
     A finished run with the same settings is reused (`table.reused`; nothing is computed) unless
     `recompute`, whose new run replaces it once complete. An unfinished one with the same chunk
     size is resumed. Ctrl-C raises `RunInterrupted` (a KeyboardInterrupt) after the last finished
-    chunk is committed.
+    chunk is committed. A trigram path ('<attn block>:h<k>', contexts `first` × `second`, default
+    all) is ranked by logit with the pruned search. Several paths, several processes:
+    `jetfx.ngram_job.extract_paths`.
     """
     from . import ngrams as N
+    from .ngram_job import Settings, extract_paths
 
     p = N.parse_path(gm, path)
-    if p.n != 2:
-        raise InputError(f"{p.name} is a trigram path: use ngrams.trigram_table and NgramDB.save_table")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    model_id = db.add_model(gm, name)
-    num_chunks = -(-N.PathEvaluator(gm, p).sources // chunk_size)
-    run = db.start_run(model_id, p.name, n=2, score=score, top_k=top_k, per_context=per_context,
-                       drop_self=drop_self, chunk_size=chunk_size, num_chunks=num_chunks, recompute=recompute)
-    if run.finished:
-        table = db.table(run.id)
-        table.reused = True
-        return run.id, table
-    try:
-        table = N.bigram_table(gm, p.name, top_k=top_k, per_context=per_context, score=score, drop_self=drop_self,
-                               chunk_size=chunk_size, progress=progress, checkpoint=run, max_chunks=max_chunks)
-        if table.complete:
-            db.finish_run(run, table)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run.id, p.name, db.chunks_done(run.id), num_chunks, db.path) from None
-    return run.id, table
+    N._check_table_args(score, top_k, per_context, chunk_size)
+    if p.n == 2 and (first is not None or second is not None):
+        raise InputError(f"first/second restrict trigram contexts; {p.name} is a bigram path")
+    settings = Settings(top_k=top_k, per_context=per_context, score=score, drop_self=drop_self, chunk_size=chunk_size,
+                        first=None if first is None else tuple(first), second=None if second is None else tuple(second))
+    (task,) = extract_paths(db, gm, [p], name=name, settings=settings, recompute=recompute, progress=progress,
+                            max_chunks=max_chunks)
+    return task.run_id, task.table

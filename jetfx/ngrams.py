@@ -66,6 +66,9 @@ def parse_path(gm: fx.GraphModule, name: str) -> NgramPath:
             raise InputError(str(e)) from None
         if b.kind != "attn":
             raise InputError(f"trigram paths go through one head of an attention block; {b.name} is {b.kind}")
+        heads = num_heads(gm, b.name)
+        if int(m["head"]) >= heads:
+            raise InputError(f"no head {int(m['head'])} in {b.name}: it has {heads} heads (h0 … h{heads - 1})")
         return NgramPath(f"{b.name}:h{int(m['head'])}", 3, b.name, int(m["head"]))
     try:
         b = structure.block(name)
@@ -77,6 +80,32 @@ def parse_path(gm: fx.GraphModule, name: str) -> NgramPath:
 def bigram_paths(gm: fx.GraphModule, kinds: Sequence[str] = ("mlp",)) -> list[str]:
     """'embed' and every block of the given kinds (default: the MLPs), in depth order."""
     return [ENCODER_PATH] + [b.name for b in residual_of(gm).blocks if b.kind in kinds]
+
+
+def num_heads(gm: fx.GraphModule, block: str) -> int:
+    """The head count of an attention block, read from its graph (`jetfx.passes.heads`)."""
+    from .passes.heads import analyze
+
+    try:
+        return analyze(gm, block).num_heads
+    except ExpansionError as e:
+        raise InputError(f"{block}: {e}") from None
+
+
+def head_paths(gm: fx.GraphModule, heads: Sequence[int] | None = None) -> list[str]:
+    """The trigram paths '<attention block>:h<k>' of every attention block, for every head k (or
+    the heads in `heads`, which every attention block must have), in depth order."""
+    out = []
+    for b in residual_of(gm).blocks:
+        if b.kind != "attn":
+            continue
+        count = num_heads(gm, b.name)
+        wanted = range(count) if heads is None else heads
+        for h in wanted:
+            if not isinstance(h, int) or isinstance(h, bool) or not 0 <= h < count:
+                raise InputError(f"no head {h!r} in {b.name}: it has {count} heads (0 … {count - 1})")
+        out += [f"{b.name}:h{h}" for h in wanted]
+    return out
 
 
 def path_terms(gm: fx.GraphModule, path: str | NgramPath):
@@ -228,6 +257,11 @@ class RunningTopK:
     def threshold(self) -> float:
         return float(self.scores[-1]) if self.scores.numel() >= self.k else -math.inf
 
+    def copy(self) -> RunningTopK:
+        out = RunningTopK.__new__(RunningTopK)
+        out.k, out.scores, out.rows, out.extra = self.k, self.scores, self.rows, self.extra  # add() replaces them
+        return out
+
     def add(self, scores: torch.Tensor, rows: torch.Tensor, extra: torch.Tensor):
         if scores.numel() == 0:
             return
@@ -292,6 +326,112 @@ def _lowered(theta: float, b32: torch.Tensor) -> torch.Tensor:
     return low.to(b32.dtype)
 
 
+@dataclass
+class ChunkRows:
+    """What one chunk of a table yields: the candidates for the global top-K (ids (N, n), scores
+    (N, 2): logit, logprob, float64), the per-context top-n (ids (M, 3): context, rank, target;
+    scores (M, 2)), and how many contexts it covered and evaluated exactly."""
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    ctx_ids: torch.Tensor
+    ctx_scores: torch.Tensor
+    contexts: int = 0
+    evaluated: int = 0
+
+
+class BigramKernel:
+    """One chunk of a bigram table: the path's logits for a block of source tokens, their log
+    normalizers, the candidates for the global top-K and the per-source top-n."""
+
+    def __init__(self, gm: fx.GraphModule, path: str | NgramPath = ENCODER_PATH, *, top_k: int = 1000,
+                 per_context: int = 0, score: str = "logprob", drop_self: bool = False):
+        self.ev = ev = PathEvaluator(gm, path)
+        if ev.path.n != 2:
+            raise InputError(f"{ev.path.name} is a trigram path: use trigram_table")
+        self.top_k, self.per_context, self.score, self.drop_self = top_k, per_context, score, drop_self
+        self.buf = None
+        self.scratch = torch.empty(_scratch_rows(ev.device, ev.vocab), ev.vocab, device=ev.device)
+
+    @torch.no_grad()
+    def __call__(self, chunk: torch.Tensor, running: RunningTopK | None) -> ChunkRows:
+        """Candidates are the pairs that reach the K-th best score in `running` (every pair that can
+        still enter the top-K); `running` itself is not changed."""
+        ev, V, device = self.ev, self.ev.vocab, self.ev.device
+        score, top_k, per_context, drop_self = self.score, self.top_k, self.per_context, self.drop_self
+        hidden = ev.hidden(chunk.view(-1, 1))
+        if ev.decoder.W is not None:
+            if self.buf is None or self.buf.shape[0] < hidden.shape[0]:
+                self.buf = torch.empty(hidden.shape[0], V, device=device, dtype=hidden.dtype)
+            z = ev.decoder.logits(hidden, out=self.buf[:hidden.shape[0]])
+        else:
+            z = hidden
+        rows_src = chunk.to(device)
+        # P(u|v) is normalized over every u: log P = (z − m) − δ, δ in float64
+        m, delta = _row_log_normalizer(z, self.scratch)
+        row_max = m
+        if drop_self:
+            self_idx = rows_src[rows_src < V]
+            pos = torch.nonzero(rows_src < V).flatten()
+            saved = z[pos, self_idx].clone()
+            z[pos, self_idx] = -math.inf
+            row_max = z.amax(1)
+        # candidates are picked by float32 scores (z − a) − b (a = m, b = δ for
+        # log-probabilities, 0 for logits) against a threshold lowered by their rounding,
+        # then scored exactly in float64
+        a = m if score == "logprob" else torch.zeros_like(m)
+        b = delta.to(z.dtype) if score == "logprob" else torch.zeros_like(m)
+        pairs = torch.empty(0, 2, dtype=torch.long, device=device)
+        extra = torch.empty(0, 2, dtype=torch.float64, device=device)
+        ctx_ids = torch.empty(0, 3, dtype=torch.long, device=device)
+        ctx_scores = torch.empty(0, 2, dtype=torch.float64, device=device)
+        if top_k:
+            theta = exact = running.threshold if running is not None else -math.inf
+            best = (row_max - a) - b  # each row's best score: rows below θ hold no candidate
+            k = min(top_k, z.numel())
+            if theta == -math.inf and best.numel() >= k:
+                # k rows reach the k-th best row maximum: a valid bound
+                theta = float(torch.topk(best, k).values[-1])
+            if theta == -math.inf:
+                scores32 = (z - a[:, None]) - b[:, None]
+                theta = float(torch.topk(scores32.flatten(), k).values[-1])
+                r, u = torch.nonzero(scores32 >= _lowered(theta, b)[:, None], as_tuple=True)
+                del scores32
+            else:
+                low = _lowered(theta, b)
+                rows = torch.nonzero(best >= low).flatten()
+                rr, u = torch.nonzero((z[rows] - a[rows, None]) - b[rows, None] >= low[rows, None],
+                                      as_tuple=True)
+                r = rows[rr]
+            logit = z[r, u].double()
+            logprob = (logit - m[r].double()) - delta[r]
+            vals = logprob if score == "logprob" else logit
+            if exact > -math.inf:  # the margin let in entries that cannot enter the top-K (ties can)
+                keep = vals >= exact
+                r, u, logit, logprob = r[keep], u[keep], logit[keep], logprob[keep]
+            pairs = torch.stack([rows_src[r], u], 1)
+            extra = torch.stack([logit, logprob], 1)
+        if per_context:
+            n = min(per_context, V)
+            vals, u = torch.topk(z, n, dim=1)
+            lp = (vals.double() - m.double()[:, None]) - delta[:, None]
+            ranks = torch.arange(1, n + 1, device=device).expand(len(rows_src), n)
+            ctx_ids = torch.stack([rows_src[:, None].expand(-1, n), ranks, u], 2).reshape(-1, 3)
+            ctx_scores = torch.stack([vals.double(), lp], 2).reshape(-1, 2)
+        if drop_self:
+            z[pos, self_idx] = saved
+        return ChunkRows(pairs, extra, ctx_ids, ctx_scores, contexts=len(chunk), evaluated=len(chunk))
+
+
+def _check_table_args(score: str, top_k, per_context, chunk_size) -> None:
+    if score not in SCORES:
+        raise InputError(f"score must be one of {SCORES}, got {score!r}")
+    if not isinstance(top_k, int) or top_k < 0 or not isinstance(per_context, int) or per_context < 0:
+        raise InputError("top_k and per_context must be non-negative integers")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
 def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1000, per_context: int = 0,
                  score: str = "logprob", drop_self: bool = False, chunk_size: int = 2048, sources=None,
                  progress: bool = True, checkpoint=None, max_chunks: int | None = None) -> NgramTable:
@@ -303,129 +443,21 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
     those another process finishes meanwhile), and the final table is ranked from the candidates
     of every saved chunk, so that it is the same however often the run was interrupted.
     `max_chunks` stops after that many new chunks (the table is then marked incomplete).
+    Several processes: `jetfx.ngram_job` (what `torchrun … -m jetfx ngrams` runs).
     """
-    if score not in SCORES:
-        raise InputError(f"score must be one of {SCORES}, got {score!r}")
-    if not isinstance(top_k, int) or top_k < 0 or not isinstance(per_context, int) or per_context < 0:
-        raise InputError("top_k and per_context must be non-negative integers")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    ev = PathEvaluator(gm, path)
-    if ev.path.n != 2:
-        raise InputError(f"{ev.path.name} is a trigram path: use trigram_table")
+    from .ngram_job import Settings, Task, run_tasks
+
+    _check_table_args(score, top_k, per_context, chunk_size)
+    kernel = BigramKernel(gm, path, top_k=top_k, per_context=per_context, score=score, drop_self=drop_self)
+    ev = kernel.ev
     src = torch.arange(ev.sources) if sources is None else _as_ids(sources, ev.sources, "sources")
-    chunks = [src[i:i + chunk_size] for i in range(0, src.numel(), chunk_size)]
-    device = ev.device
-    V = ev.vocab
-    running = RunningTopK(top_k, 2, device) if top_k else None
-    done = set()
-    table = NgramTable(ev.path.name, 2, score, num_chunks=len(chunks))
-    if checkpoint is not None:
-        done = set(checkpoint.done())
-        cand, ctx = checkpoint.load()
-        if cand and running is not None:
-            c = torch.tensor([r[:2] for r in cand], dtype=torch.long, device=device)
-            e = torch.tensor([r[2:4] for r in cand], dtype=torch.float64, device=device)
-            running.add(e[:, 0 if score == "logit" else 1], c, e)
-        table.per_context.extend(ctx)
-    bar = _progress(len(chunks), progress, f"bigrams {ev.path.name}", initial=len(done))
-    buf = None
-    scratch = torch.empty(_scratch_rows(device, V), V, device=device)
-    new = 0
-    try:
-        for ci, chunk in enumerate(chunks):
-            if ci in done or (checkpoint is not None and checkpoint.is_done(ci)):  # by us before, or by another process
-                continue
-            if max_chunks is not None and new >= max_chunks:
-                table.complete = False
-                break
-            with torch.no_grad():
-                hidden = ev.hidden(chunk.view(-1, 1))
-                if ev.decoder.W is not None:
-                    if buf is None or buf.shape[0] < hidden.shape[0]:
-                        buf = torch.empty(hidden.shape[0], V, device=device, dtype=hidden.dtype)
-                    z = ev.decoder.logits(hidden, out=buf[:hidden.shape[0]])
-                else:
-                    z = hidden
-                rows_src = chunk.to(device)
-                # P(u|v) is normalized over every u: log P = (z − m) − δ, δ in float64
-                m, delta = _row_log_normalizer(z, scratch)
-                row_max = m
-                if drop_self:
-                    self_idx = rows_src[rows_src < V]
-                    pos = torch.nonzero(rows_src < V).flatten()
-                    saved = z[pos, self_idx].clone()
-                    z[pos, self_idx] = -math.inf
-                    row_max = z.amax(1)
-                # candidates are picked by float32 scores (z − a) − b (a = m, b = δ for
-                # log-probabilities, 0 for logits) against a threshold lowered by their rounding,
-                # then scored exactly in float64
-                a = m if score == "logprob" else torch.zeros_like(m)
-                b = delta.to(z.dtype) if score == "logprob" else torch.zeros_like(m)
-                cand_rows, ctx_rows = [], []
-                if running is not None:
-                    theta = exact = running.threshold
-                    best = (row_max - a) - b  # each row's best score: rows below θ hold no candidate
-                    k = min(top_k, z.numel())
-                    if theta == -math.inf and best.numel() >= k:
-                        # k rows reach the k-th best row maximum: a valid bound
-                        theta = float(torch.topk(best, k).values[-1])
-                    if theta == -math.inf:
-                        scores32 = (z - a[:, None]) - b[:, None]
-                        theta = float(torch.topk(scores32.flatten(), k).values[-1])
-                        r, u = torch.nonzero(scores32 >= _lowered(theta, b)[:, None], as_tuple=True)
-                        del scores32
-                    else:
-                        low = _lowered(theta, b)
-                        rows = torch.nonzero(best >= low).flatten()
-                        rr, u = torch.nonzero((z[rows] - a[rows, None]) - b[rows, None] >= low[rows, None],
-                                              as_tuple=True)
-                        r = rows[rr]
-                    logit = z[r, u].double()
-                    logprob = (logit - m[r].double()) - delta[r]
-                    vals = logprob if score == "logprob" else logit
-                    if exact > -math.inf:  # the margin let in entries that cannot enter the top-K
-                        keep = vals > exact
-                        r, u, logit, logprob, vals = r[keep], u[keep], logit[keep], logprob[keep], vals[keep]
-                    pairs = torch.stack([rows_src[r], u], 1)
-                    extra = torch.stack([logit, logprob], 1)
-                    running.add(vals, pairs, extra)
-                    if checkpoint is not None:
-                        cand_rows = [tuple(p) + tuple(e) for p, e in zip(pairs.tolist(), extra.tolist())]
-                if per_context:
-                    n = min(per_context, V)
-                    vals, u = torch.topk(z, n, dim=1)
-                    lp = (vals.double() - m.double()[:, None]) - delta[:, None]
-                    for s, us, ls, lps in zip(chunk.tolist(), u.tolist(), vals.tolist(), lp.tolist()):
-                        ctx_rows.extend((s, j + 1, us[j], ls[j], lps[j]) for j in range(n))
-                if drop_self:
-                    z[pos, self_idx] = saved
-            table.per_context.extend(ctx_rows)
-            if checkpoint is not None:
-                checkpoint.save(ci, cand_rows, ctx_rows)
-            new += 1
-            bar.update(1)
-    finally:
-        bar.close()
-    table.chunks_done = len(done) + new
-    if checkpoint is not None:
-        table.chunks_done = len(checkpoint.done())
-        if table.chunks_done == len(chunks):  # the whole table, ranked from every saved chunk
-            table.complete = True
-            cand, table.per_context = checkpoint.load()
-            if running is not None:
-                running = RunningTopK(top_k, 2, device)
-                if cand:
-                    c = torch.tensor([r[:2] for r in cand], dtype=torch.long, device=device)
-                    e = torch.tensor([r[2:4] for r in cand], dtype=torch.float64, device=device)
-                    running.add(e[:, 0 if score == "logit" else 1], c, e)
-    if running is not None:
-        for i, ((v, u), (lg, lp)) in enumerate(zip(running.rows.tolist(), running.extra.tolist())):
-            table.top.append((i + 1, v, u, lg, lp))
-    return table
+    settings = Settings(top_k=top_k, per_context=per_context, score=score, drop_self=drop_self, chunk_size=chunk_size)
+    task = Task.of(ev.path, src, chunk_size, store=checkpoint, kernel=kernel)
+    run_tasks(gm, [task], settings, progress=progress, max_chunks=max_chunks)
+    return task.table
 
 
-def _progress(total: int, enabled: bool, desc: str, initial: int = 0):
+def _progress(total: int, enabled: bool, desc: str, initial: int = 0, unit: str = "chunk"):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -435,11 +467,14 @@ def _progress(total: int, enabled: bool, desc: str, initial: int = 0):
             def update(self, n=1):
                 pass
 
+            def set_postfix_str(self, s, refresh=True):
+                pass
+
             def close(self):
                 pass
 
         return _Null()
-    return tqdm(total=total, initial=initial, desc=desc, unit="chunk")
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit != "chunk")
 
 
 @torch.no_grad()
@@ -470,78 +505,116 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
 # trigrams
 
 
+class TrigramKernel:
+    """One chunk of a trigram table: a block of contexts (first × second), their path vectors, and
+    the n-grams that can enter the top-K — exhaustively, or by the pruned search (docs/ngrams.md)."""
+
+    def __init__(self, gm: fx.GraphModule, path: str | NgramPath, *, top_k: int = 100, score: str = "logit",
+                 prune: bool = True, batch: int = 4096, groups: int | None = None, num_heads: int | None = None,
+                 balls: tuple | None = None):
+        if score not in SCORES:
+            raise InputError(f"score must be one of {SCORES}, got {score!r}")
+        if prune and score != "logit":
+            raise InputError("the pruned trigram search bounds logits only; use score='logit' or prune=False")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise InputError(f"a trigram table needs top_k ≥ 1, got {top_k!r}")
+        self.ev = ev = PathEvaluator(gm, path, num_heads=num_heads)
+        if ev.path.n != 3:
+            raise InputError(f"{ev.path.name} is not a trigram path; use '<attention block>:h<head>'")
+        if prune and ev.decoder.W is None:
+            raise InputError("pruning needs a decoder ending in a linear unembedding; use prune=False")
+        self.top_k, self.score, self.prune, self.batch = top_k, score, prune, max(1, int(batch))
+        if prune:  # `balls`: (centers, radii) made before for the same U
+            self.centers, self.radii = balls if balls is not None else _balls(ev.decoder.W.float(), groups)
+
+    @torch.no_grad()
+    def __call__(self, chunk: tuple[torch.Tensor, torch.Tensor], running: RunningTopK | None) -> ChunkRows:
+        """Candidates: the n-grams that reach the K-th best score known when they are found
+        (`running`, then this chunk's own); `running` itself is not changed."""
+        first, second = chunk
+        ev, device = self.ev, self.ev.device
+        local = running.copy() if running is not None else RunningTopK(self.top_k, 3, device)
+        ctx = torch.stack([first.repeat_interleave(second.numel()), second.repeat(first.numel())], 1)
+        ids, scores, evaluated = [], [], 0
+        for i in range(0, ctx.shape[0], self.batch):
+            sub = ctx[i:i + self.batch].to(device)
+            hid = ev.hidden(sub).float()
+            if self.prune:
+                bound = (hid @ self.centers.t() + hid.norm(dim=1, keepdim=True) * self.radii[None]).amax(1)
+                order = torch.argsort(bound, descending=True)
+                for j in range(0, order.numel(), 256):
+                    idx = order[j:j + 256]
+                    idx = idx[bound[idx] >= local.threshold]  # a bound below the K-th best: nothing to find
+                    if idx.numel() == 0:
+                        break
+                    found = _score_contexts(ev, hid[idx], sub[idx], local, self.score)
+                    ids.append(found[0]), scores.append(found[1])
+                    evaluated += idx.numel()
+            else:
+                found = _score_contexts(ev, hid, sub, local, self.score)
+                ids.append(found[0]), scores.append(found[1])
+                evaluated += sub.shape[0]
+        empty = torch.empty(0, 3, dtype=torch.long, device=device)
+        return ChunkRows(torch.cat(ids) if ids else empty,
+                         torch.cat(scores) if scores else torch.empty(0, 2, dtype=torch.float64, device=device),
+                         empty, torch.empty(0, 2, dtype=torch.float64, device=device),
+                         contexts=ctx.shape[0], evaluated=evaluated)
+
+
 @torch.no_grad()
 def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top_k: int = 100,
                   score: str = "logit", prune: bool = True, batch: int = 4096, groups: int | None = None,
-                  num_heads: int | None = None, progress: bool = False) -> NgramTable:
+                  num_heads: int | None = None, progress: bool = False, chunk_size: int | None = None,
+                  checkpoint=None, max_chunks: int | None = None) -> NgramTable:
     """Top-K trigrams (v1, v2 → u) of a head path over contexts first × second (default: all).
 
     prune=True: a branch-and-bound over context pairs (exact, same result as prune=False). The
     rows w_u of U are grouped (k-means) into G balls (center c_g, radius ρ_g); for the path vector
     n of a context, max_u w_u·n ≤ max_g (c_g·n + ρ_g‖n‖) (Cauchy–Schwarz). Contexts whose bound is
-    at most the K-th best logit found so far cannot enter the top-K and are skipped; the others
+    below the K-th best logit found so far cannot enter the top-K and are skipped; the others
     are evaluated exactly, largest bound first. Only score="logit" can be pruned this way.
+
+    Contexts are taken in blocks of about `chunk_size` (default `batch`; whole rows of `first`),
+    evaluated `batch` at a time; `checkpoint` and `max_chunks` work as in `bigram_table`.
     """
-    if score not in SCORES:
-        raise InputError(f"score must be one of {SCORES}, got {score!r}")
-    if prune and score != "logit":
-        raise InputError("the pruned trigram search bounds logits only; use score='logit' or prune=False")
-    ev = PathEvaluator(gm, path, num_heads=num_heads)
-    if ev.path.n != 3:
-        raise InputError(f"{ev.path.name} is not a trigram path; use '<attention block>:h<head>'")
+    from .ngram_job import Settings, Task, run_tasks
+
+    kernel = TrigramKernel(gm, path, top_k=top_k, score=score, prune=prune, batch=batch, groups=groups,
+                           num_heads=num_heads)
+    chunk_size = batch if chunk_size is None else chunk_size
+    _check_table_args(score, top_k, 0, chunk_size)
+    ev = kernel.ev
     a = torch.arange(ev.sources) if first is None else _as_ids(first, ev.sources, "first")
     b = torch.arange(ev.sources) if second is None else _as_ids(second, ev.sources, "second")
-    W = ev.decoder.W
-    if prune and W is None:
-        raise InputError("pruning needs a decoder ending in a linear unembedding; use prune=False")
-    device = ev.device
-    running = RunningTopK(top_k, 3, device)
-    table = NgramTable(ev.path.name, 3, score)
-    stats = {"contexts": 0, "evaluated": 0}
-    if prune:
-        centers, radii = _balls(W.float(), groups)
-    rows_per = max(1, batch // b.numel())
-    bar = _progress(math.ceil(a.numel() / rows_per), progress, f"trigrams {ev.path.name}")
-    for i in range(0, a.numel(), rows_per):
-        v1 = a[i:i + rows_per]
-        ctx = torch.stack([v1.repeat_interleave(b.numel()), b.repeat(v1.numel())], 1).to(device)
-        hid = ev.hidden(ctx).float()
-        stats["contexts"] += ctx.shape[0]
-        if prune:
-            bound = (hid @ centers.t() + hid.norm(dim=1, keepdim=True) * radii[None]).amax(1)
-            order = torch.argsort(bound, descending=True)
-            for j in range(0, order.numel(), 256):
-                idx = order[j:j + 256]
-                idx = idx[bound[idx] > running.threshold]
-                if idx.numel() == 0:
-                    break
-                _score_contexts(ev, hid[idx], ctx[idx], running, score)
-                stats["evaluated"] += idx.numel()
-        else:
-            _score_contexts(ev, hid, ctx, running, score)
-            stats["evaluated"] += ctx.shape[0]
-        bar.update(1)
-    bar.close()
-    for r, (row, (lg, lp)) in enumerate(zip(running.rows.tolist(), running.extra.tolist())):
-        table.top.append((r + 1, *row, lg, lp))
-    table.stats = stats
-    return table
+    settings = Settings(top_k=top_k, trigram_score=score, chunk_size=chunk_size, prune=prune, batch=batch)
+    task = Task.of(ev.path, a, chunk_size, b, store=checkpoint, kernel=kernel)
+    stats = run_tasks(gm, [task], settings, progress=progress, max_chunks=max_chunks)
+    task.table.stats = {"contexts": stats.contexts, "evaluated": stats.evaluated}
+    return task.table
 
 
 def _score_contexts(ev, hid, ctx, running, score):
+    """Scores the contexts' rows exactly; returns the n-grams that reach `running`'s K-th best
+    (ids (N, 3), (logit, logprob) (N, 2)) and adds them to it."""
     z = ev.decoder.logits(hid.to(ev.decoder.W.dtype) if ev.decoder.W is not None else hid).float()
     m, delta = _log_normalizer(z)
     b = delta.float() if score == "logprob" else torch.zeros_like(m)
     s = z if score == "logit" else (z - m[:, None]) - b[:, None]  # float32: picks candidates (bigram_table)
     k = min(running.k, s.numel())
-    theta = float(torch.topk(s.flatten(), k).values[-1])
+    exact = running.threshold
+    theta = max(float(torch.topk(s.flatten(), k).values[-1]), exact)
     r, u = torch.nonzero(s >= _lowered(theta, b)[:, None], as_tuple=True)
     logit = z[r, u].double()
     logprob = (logit - m[r].double()) - delta[r]
-    rows = torch.cat([ctx[r], u[:, None]], 1)
-    running.add(logprob if score == "logprob" else logit, rows, torch.stack([logit, logprob], 1))
+    vals = logprob if score == "logprob" else logit
+    keep = vals >= exact
+    rows = torch.cat([ctx[r[keep]], u[keep, None]], 1)
+    extra = torch.stack([logit[keep], logprob[keep]], 1)
+    running.add(vals[keep], rows, extra)
+    return rows, extra
 
 
+@torch.no_grad()
 def _balls(W: torch.Tensor, groups: int | None, iters: int = 8):
     """k-means balls over the rows of W: centers (G, d) and radii (G,) with every row inside one."""
     V = W.shape[0]

@@ -12,7 +12,7 @@ import transformers
 
 import jetfx
 from jetfx import paths as P
-from jetfx.errors import InputError, StructureError, TraceError
+from jetfx.errors import ExactnessWarning, InputError, StructureError, TraceError
 from jetfx.expanded import PathHook, hook_keys
 from tiny_models import TwoBlockToy, tokens, traced
 
@@ -79,6 +79,10 @@ def test_patching_a_path_changes_the_total_by_exactly_the_difference(gpt2_expans
             many = ex(ids)
     expected = base.total() + sum(donor[n] - base[n] for n in ("h.0.mlp", "h.1.attn")) + donor.remainder - base.remainder
     torch.testing.assert_close(many.total(), expected, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():  # an intervention breaks the identity on purpose: no ExactnessWarning
+        warnings.simplefilter("error", ExactnessWarning)
+        with ex.patch("remainder", donor), torch.no_grad():
+            assert not torch.allclose(ex(ids).total(), base.logits, atol=1e-3)
     with pytest.raises(InputError, match="same batch size and length"):
         with ex.patch("h.0.mlp", tokens(length=4)), torch.no_grad():
             ex(ids)

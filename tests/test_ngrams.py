@@ -4,6 +4,7 @@ pruned trigram search equals exhaustive search, db round-trip, resume, diff, mas
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -283,3 +284,90 @@ def test_bigram_tables_after_moving_the_module_equal_the_first():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (checked on a GPU machine)")
 def test_bigram_tables_on_cuda_equal_cpu():
     _near_one_tables_on("cuda")
+
+
+def test_trigram_runs_are_chunked_and_resume_in_the_database(tmp_path, llama):
+    """A trigram run is saved chunk by chunk (blocks of first-token rows × the second tokens) and
+    resumes like a bigram run; pruned or exhaustive, chunked or in one piece, the table is the same."""
+    m, gm = llama
+    path = "layers.0.self_attn:h2"
+    exhaustive = N.trigram_table(gm, path, top_k=30, prune=False)
+    one_piece = N.trigram_table(gm, path, top_k=30, chunk_size=V * V)
+    # 22 chunks of 3 rows, 2 batches each; one ball a row of U: a bound tight enough to prune on a
+    # random model, whose logits all lie within a ball radius·‖n‖ of each other
+    chunked = N.trigram_table(gm, path, top_k=30, chunk_size=3 * V, batch=100, groups=V)
+    assert [r[:4] for r in chunked.top] == [r[:4] for r in one_piece.top] == [r[:4] for r in exhaustive.top]
+    assert chunked.stats["contexts"] == V * V and chunked.stats["evaluated"] < V * V
+    db = NgramDB(tmp_path / "tri.sqlite")
+    rid, t1 = extract(db, gm, path, top_k=30, chunk_size=2 * V, progress=False, max_chunks=5)
+    assert not t1.complete and t1.chunks_done == 5 and t1.num_chunks == V // 2
+    assert db.run(rid).status == "running" and db.chunks_done(rid) == 5
+    rid2, t2 = extract(db, gm, path, top_k=30, chunk_size=2 * V, progress=False)
+    assert rid2 == rid and t2.complete and db.run(rid).status == "done"
+    rows = db.top(rid)
+    assert [(r["rank"], *r["ids"]) for r in rows] == [r[:4] for r in exhaustive.top]
+    torch.testing.assert_close(torch.tensor([r["logit"] for r in rows], dtype=torch.float64),
+                               torch.tensor([r[4] for r in exhaustive.top], dtype=torch.float64), rtol=0, atol=1e-5)
+    again = extract(db, gm, path, top_k=30, chunk_size=2 * V, progress=False)[1]
+    assert again.reused and [r[:4] for r in again.top] == [r[:4] for r in exhaustive.top]
+    # a context set: a run of its own (the selection is part of what identifies it)
+    rid3, t3 = extract(db, gm, path, top_k=5, first=[1, 2, 3], second=[4, 5], progress=False)
+    assert rid3 != rid and t3.complete and db.run(rid3).n == 3
+    sub = N.trigram_table(gm, path, top_k=5, first=[1, 2, 3], second=[4, 5], prune=False)
+    assert [r[:4] for r in t3.top] == [r[:4] for r in sub.top]
+    with pytest.raises(InputError, match="restrict trigram contexts"):
+        extract(db, gm, "layers.0.mlp", first=[1])
+    db.close()
+
+
+def test_whole_model_paths(llama):
+    """--path all (--trigrams, --heads), --path heads: every path once, in depth order; bad heads refused."""
+    import argparse
+
+    from jetfx.cli_ngrams import add_parsers, job_paths
+
+    m, gm = llama
+    ap = argparse.ArgumentParser()
+    add_parsers(ap.add_subparsers())
+
+    def paths(*argv):
+        return [p.name for p in job_paths(gm, ap.parse_args(["ngrams", *argv]))]
+
+    heads = [f"layers.{b}.self_attn:h{h}" for b in (0, 1) for h in range(4)]
+    assert paths("--path", "all") == ["embed", "layers.0.mlp", "layers.1.mlp"]
+    assert paths("--path", "all", "--trigrams") == ["embed", "layers.0.mlp", "layers.1.mlp"] + heads
+    assert paths("--path", "all", "--trigrams", "--heads", "all") == paths("--path", "all", "--trigrams")
+    assert paths("--path", "heads", "--heads", "1,3") == ["layers.0.self_attn:h1", "layers.0.self_attn:h3",
+                                                          "layers.1.self_attn:h1", "layers.1.self_attn:h3"]
+    assert paths("--path", "mlps", "--path", "all") == ["layers.0.mlp", "layers.1.mlp", "embed"]  # each once
+    assert N.head_paths(gm) == heads and N.num_heads(gm, "layers.1.self_attn") == 4
+    for argv, message in ((["--path", "heads", "--heads", "4"], "no head 4 in layers.0.self_attn: it has 4 heads"),
+                          (["--path", "embed", "--trigrams"], "--trigrams adds the trigram paths"),
+                          (["--path", "all", "--heads", "1"], "--heads picks the heads"),
+                          (["--path", "layers.1.self_attn:h7"], "no head 7 in layers.1.self_attn"),
+                          (["--path", "all", "--first", "1,2"], "--first/--second restrict trigram contexts")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            paths(*argv)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["ngrams", "--heads", "some"])
+
+
+def test_group_of_one():
+    """Without torchrun a job's group has one rank: its collectives hand back their input, and a
+    failed step raises its own error (marked as known to every rank)."""
+    from jetfx import distributed as D
+
+    assert not D.under_torchrun()
+    g = D.join()
+    assert g.main and g.world == 1 and g.describe() == "1 rank on 1 host"
+    t = torch.arange(6).view(3, 2)
+    assert g.broadcast(t) is t and g.all_gather(t) == [t] and g.gather(t) == [t]
+    assert g.checked(lambda: 5) == 5
+
+    def fails():
+        raise InputError("no such thing")
+
+    with pytest.raises(InputError, match="no such thing") as e:
+        g.checked(fails)
+    assert e.value.agreed
+    assert D.rank_device("cuda") == "cuda" and D.rank_device(None) is None  # one process: as given

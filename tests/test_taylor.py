@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -328,5 +327,9 @@ def test_jet_module_uses_taylor():
     from jetfx.jets import jet_module
 
     region = region_of(UNARY["linear"], X)
-    assert isinstance(jet_module(region, 2, "auto"), TaylorJet)
-    assert math.isclose(1.0, 1.0)
+    auto, nested = jet_module(region, 2, "auto"), jet_module(region, 2, "nested")
+    assert isinstance(auto, TaylorJet) and isinstance(nested, NestedJet)
+    assert jet_module(region, 2, "auto") is auto  # built once per region and order
+    got, want = auto(X.unsqueeze(0), Y), nested(X.unsqueeze(0), Y)
+    assert got.shape == want.shape
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-12
