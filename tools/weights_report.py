@@ -83,6 +83,10 @@ def main(argv=None):
     ap.add_argument("--evals", type=int, default=100, help="loss evaluations of each fit, paths through ≤ 1 block")
     ap.add_argument("--evals-deep", type=int, default=30, help="loss evaluations of each fit, ≤ 2 blocks")
     ap.add_argument("--no-corpus", action="store_true", help="skip the fits on a corpus of 10 other sentences")
+    ap.add_argument("--schemes", nargs="+", choices=("uniform", "simplex", "affine", "corpus"),
+                    default=["uniform", "simplex", "affine", "corpus"],
+                    help="which weights to measure: Algorithm 2's, fitted on the demo sentence on the simplex or "
+                         "the affine plane, fitted on the corpus (≤ 1 block)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.render:
@@ -103,8 +107,9 @@ def main(argv=None):
               "runs": []}
     for k in args.ks:
         for label, selection, evals in selections:
-            schemes = [("uniform", None), ("optimized", "simplex"), ("optimized", "affine")]
-            if label == "max_blocks_1" and not args.no_corpus:  # fitted on 10 other sentences (93 tokens)
+            schemes = [(w, c) for w, c in (("uniform", None), ("optimized", "simplex"), ("optimized", "affine"))
+                       if (c or w) in args.schemes]
+            if label == "max_blocks_1" and not args.no_corpus and "corpus" in args.schemes:  # 10 other sentences
                 schemes.append(("optimized on corpus", "simplex" if k >= 1 else "affine"))
             for weights, constraint in schemes:
                 t = time.perf_counter()
