@@ -7,7 +7,7 @@
 See README.md for a tour.
 """
 
-from . import functions, jets, paths, split  # noqa: F401  (jetfx.functions, jetfx.jets as attributes)
+from . import functions, jets, paths, split, weights  # noqa: F401  (jetfx.functions, jetfx.jets as attributes)
 from .errors import ExpansionError, InputError, JetfxError, MissingDependencyError, StructureError, TraceError
 from .expanded import ExpandedModule, ExpansionOutput
 from .decomposition import ResidDecomposition, decompose_resid
@@ -38,4 +38,5 @@ __all__ = [
     "MissingDependencyError", "Path", "PathGraph", "ResidualStructure", "StructureError", "TraceError",
     "ResidDecomposition", "as_traced", "branch", "constant", "decompose_resid", "encoder", "expand", "exponential", "info_of", "jet", "jet_coefficients",
     "export", "jet_expand", "load", "load_expanded", "path_graph", "paths", "residual_of", "split", "stream", "trace",
+    "weights",
 ]

@@ -107,6 +107,10 @@ def cmd_expand(args) -> int:
     from .cli_args import check_device
 
     check_device(args)
+    if args.split and args.origin:
+        from .errors import ExpansionError
+
+        raise ExpansionError("--origin (recenter=False) does not apply to split jets")
     if args.export:
         from .export import _check_target  # the export's own checks (folder, foreign file), before computing
 
@@ -123,8 +127,18 @@ def cmd_expand(args) -> int:
         ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, split=True,
                           weights=args.weights)
     else:
-        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets)
+        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, recenter=not args.origin)
     compile_s = time.time() - t
+    if args.fit:
+        from .weights import faithfulness, fit_weights
+
+        before = faithfulness(ex, args.text)
+        fit = fit_weights(ex, args.text, constraint=args.constraint, max_evals=args.fit_evals)
+        after = faithfulness(ex, args.text)
+        print(f"jet weights fitted on the text ({args.constraint}, {fit.parameters} parameters, {fit.evaluations} "
+              f"evaluations, {fit.seconds:.1f} s): relative remainder ‖δ‖²/‖q‖² {fit.before_loss:.3g} → "
+              f"{fit.loss:.3g}; Σ paths carry {before['paths_norm']:.3g} → {after['paths_norm']:.3g} of the logits' norm, cosine "
+              f"{before['cosine']:.3f} → {after['cosine']:.3f}")
     ids = jetfx.tracing.as_tokens(args.text, tokenizer).to(args.device)
     t = time.time()
     with torch.no_grad():
@@ -264,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     # jetfx.split.WEIGHTS, spelled out: the parser is built without importing torch
     p.add_argument("--weights", choices=("exponential", "uniform"), default="exponential",
                    help="with --split: jet weights 1/2^s on the paper's paths (default) or 1/N_s on every term")
+    p.add_argument("--fit", action="store_true",
+                   help="fit the jet weights on --text (UᵀU metric, see docs/weights.md) before running; --export keeps them")
+    p.add_argument("--constraint", choices=("simplex", "affine"), default="simplex", help="with --fit: the weights' constraint")
+    p.add_argument("--fit-evals", type=positive_int, default=100, help="with --fit: loss evaluations of the fit (default 100)")
+    p.add_argument("--origin", action="store_true", help="jets around the origin (recenter=False, see docs/weights.md)")
     p.set_defaults(func=cmd_expand)
 
     p = sub.add_parser("interactions", help="degree-1 cross terms w·Dγ_l(x_i)[x_j] of one text: data and heatmaps")

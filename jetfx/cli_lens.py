@@ -23,7 +23,9 @@ def add_parser(subparsers):
                    help="joint lens weights (default optimized)")
     p.add_argument("--granularity", choices=("layer", "branch"), default="layer",
                    help="rows: transformer layers, or every attention/MLP block")
-    p.add_argument("--layers", type=int, nargs="*", default=None, help="iterative lens rows to keep (default all)")
+    p.add_argument("--layers", type=int, nargs="*", default=None,
+                   help="rows to keep (default all; 0 = embedding); with --joint, each row's center is what the "
+                        "stream gained since the previous chosen row")
     p.add_argument("--steps", type=non_negative_int, default=200, help="optimizer steps for --weights optimized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top", type=positive_int, default=5, help="top tokens per cell in the JSON")
@@ -59,7 +61,7 @@ def run(args) -> int:
     else:
         if args.joint:
             result = L.joint_lens(gm, args.text, args.k, weights=args.weights, granularity=args.granularity,
-                                  steps=args.steps, seed=args.seed)
+                                  layers=args.layers, steps=args.steps, seed=args.seed)
         else:
             result = L.iterative_lens(gm, args.text, args.k, layers=args.layers, granularity=args.granularity)
         written.update({k: str(v) for k, v in result.save(out, n=args.top).items()})

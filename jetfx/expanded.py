@@ -243,12 +243,17 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
     every constant it holds, and the traced module it reads (`ex.source`, whose weights it shares) —,
     runs under `torch.compile` with `ex.compile()`, prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
     `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic plan), `ex.k`.
+
+    Jet weights are buffers, one vector per site (`ex.jet_weights`: {"step1": …, "decoder": …});
+    `ex(tokens, weights={...})` runs with other weights (differentiably), `ex.set_jet_weights`
+    keeps them (see `jetfx.weights`).
     """
 
     path_names: tuple[str, ...]
+    weight_sites: tuple = ()
     hooks: PathHooks
 
-    def __call__(self, tokens, *args, **kwargs):
+    def __call__(self, tokens, *args, weights: dict | None = None, **kwargs):
         from .tracing import as_tokens, check_padding
 
         if not isinstance(tokens, torch.Tensor):  # text or ids made here: put them where the module is
@@ -257,8 +262,14 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
             tokens = as_tokens(tokens, getattr(self, "tokenizer", None)).to(device_of(self))
         elif getattr(self, "tokenizer", None) is not None and tokens.device.type != "meta":
             check_padding(tokens, self.tokenizer)
+        if weights is not None and weights is not _SWAPPED:  # other weights for this call, run eagerly
+            from .weights import weight_overrides
+
+            overrides = weight_overrides(self, weights)  # (tensors that require grad stay as they are)
+            return torch.func.functional_call(self, overrides, (tokens, *args), {**kwargs, "weights": _SWAPPED},
+                                              strict=False)
         compiled, hooked = self.__dict__.get("_jetfx_compiled"), _hooked(self)
-        if compiled is not None and not args and not kwargs and not hooked:
+        if compiled is not None and weights is None and not args and not kwargs and not hooked:
             raw = compiled(self, tokens)
         else:  # eager: also whenever a hook point is hooked (compiled code would not see new hooks)
             raw = super().__call__(tokens, *args, **kwargs)
@@ -295,6 +306,24 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
         """Whether calls run under torch.compile (see `compile`)."""
         return "_jetfx_compiled" in self.__dict__
 
+    @property
+    def jet_weights(self) -> dict[str, torch.Tensor]:
+        """{site: weights} ("step1", …, "decoder"), one per center of the site; see `jetfx.weights`."""
+        return {site.name: self.get_buffer(site.target) for site in self.weight_sites}
+
+    def set_jet_weights(self, weights: dict, constraint: str = "simplex") -> None:
+        """Keep these weights ({site: tensor or numbers}): a tensor is kept as it is, so when it requires
+        grad, gradients of later outputs reach it. Checked against `constraint` ("simplex"/"affine")."""
+        from .weights import weight_overrides
+
+        for target, value in weight_overrides(self, weights, constraint).items():
+            old = self.get_buffer(target)
+            if isinstance(value, torch.Tensor) and value.device != old.device:
+                raise InputError(f"weights for {target!r} are on {value.device}, the module on {old.device}")
+            owner, _, leaf = target.rpartition(".")
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=old.dtype)
+            self.get_submodule(owner).register_buffer(leaf, value)
+
     def symbolic(self, **kw):
         """The expansion as a sympy expression (see jetfx.symbolic.symbolic_view)."""
         from .symbolic import symbolic_view
@@ -311,6 +340,10 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(svg)
         return svg
+
+
+# `weights=` of the inner call made by `torch.func.functional_call`: the buffers are already swapped
+_SWAPPED = object()
 
 
 class _CompiledForward:

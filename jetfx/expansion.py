@@ -12,6 +12,12 @@ input-to-output paths. `expand(gm, k)` is the exponential expansion (Algorithm 2
 {η, γ_1(η)}, expand every step with uniform weights 1/|ξ|, then the decoder; the result has one
 term per path, 2^L for a sequential network. `paths=` selects which paths are compiled (through
 `jetfx.paths` filters), without changing the terms selected paths get.
+
+Jet weights are per site (a step, the decoder) and live in the compiled module's buffers: given
+(`weights={"step3": …, "decoder": …}`, tensors that may require grad), fitted on tokens
+(`weights="optimized"`, `jetfx.weights`), on the simplex or, with `constraint="affine"`, on the
+affine plane Σ w = 1. `recenter=False` takes the jets in the direction of the variate itself
+(around the origin), see `jet_expand`.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import torch
 from torch import fx
 
 from . import paths as P
-from .errors import ExpansionError, check_order
+from .errors import ExpansionError, InputError, check_order
 from .structure import Block, ResidualStructure
-from .terms import LOGITS, STREAM, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, SplitJet, Stream, Terms
+from .terms import (LOGITS, STREAM, Branch, Concat, Constant, Jet, JetWeights, Logits, Remainder, Scaled, Select,
+                    SplitJet, Stream, Terms, site_name)
 from .tracing import as_traced, info_of, residual_of
 
 DEFAULT_MAX_PATHS = 512
@@ -44,7 +51,10 @@ class JetExpansion:
     remainder: Remainder
 
     def compile(self, jets: str = "auto"):
-        """Compile the terms (which must be logits, i.e. expanded at the decoder) into a module."""
+        """Compile the terms (which must be logits, i.e. expanded at the decoder) into a module.
+
+        Its jet weights are buffers (`ex.jet_weights`); weights given as tensors that require grad
+        are those buffers, so gradients of its outputs reach them."""
         from .passes.materialize import compile_expansion
 
         return compile_expansion(self.gm, self.terms, jets=jets)
@@ -139,10 +149,20 @@ def _as_terms(gm: fx.GraphModule, centers) -> Terms:
                          f"got {type(centers).__name__}")
 
 
-def _check_weights(weights, n: int) -> tuple[float, ...]:
+def _check_weights(weights, n: int, constraint: str = "simplex") -> tuple[float, ...]:
+    """One weight per center, as floats: uniform by default; on the simplex, or with
+    constraint="affine" on the affine plane Σ w = 1 (any sign, the paper's Appendix)."""
+    from .weights import check_constraint
+
+    constraint = check_constraint(constraint)
     if weights is None or (isinstance(weights, str) and weights == "uniform"):
         return tuple([1.0 / n] * n)
+    if isinstance(weights, str):
+        raise ExpansionError(f"weights={weights!r}: give one number per center (a sequence or a tensor), or "
+                             "'uniform'; fitted weights are for whole expansions: jetfx.expand(…, weights='optimized')")
     if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ExpansionError(f"weights must be a 1-D tensor of {n} numbers, got shape {tuple(weights.shape)}")
         weights = weights.detach().flatten().tolist()
     try:
         w = tuple(float(x) for x in weights)
@@ -152,10 +172,15 @@ def _check_weights(weights, n: int) -> tuple[float, ...]:
         raise ExpansionError(f"got {len(w)} jet weights for {n} centers; give one weight per center")
     if any(not math.isfinite(x) for x in w):
         raise ExpansionError(f"jet weights must be finite, got {list(w)}")
-    if min(w) < -SIMPLEX_TOLERANCE or abs(sum(w) - 1.0) > SIMPLEX_TOLERANCE * max(1, n):
+    if constraint == "affine":
+        if abs(sum(w) - 1.0) > SIMPLEX_TOLERANCE * max(1, n):
+            raise ExpansionError(f"with constraint='affine' jet weights must sum to 1 (the affine plane that contains "
+                                 f"the simplex), got {list(w)} (sum {sum(w):.6g})")
+    elif min(w) < -SIMPLEX_TOLERANCE or abs(sum(w) - 1.0) > SIMPLEX_TOLERANCE * max(1, n):
         raise ExpansionError(
             f"jet weights must lie on the simplex (non-negative, summing to 1), got {list(w)} "
-            f"(sum {sum(w):.6g}); use weights=None for uniform weights"
+            f"(sum {sum(w):.6g}); use weights=None for uniform weights, or constraint='affine' for "
+            "weights of any sign that sum to 1"
         )
     return w
 
@@ -177,11 +202,20 @@ def _site(structure: ResidualStructure, l) -> int | str:
 
 
 def jet_expand(gm: fx.GraphModule, l, centers, k: int, weights=None, *, split: bool = False,
-               degrees=None, max_terms: int = MAX_SPLIT_TERMS) -> JetExpansion:
+               degrees=None, max_terms: int = MAX_SPLIT_TERMS, constraint: str = "simplex",
+               recenter: bool = True) -> JetExpansion:
     """Algorithm 1: expand step `l` (or the decoder, l = L) around `centers` with order `k`.
 
     `centers`: terms of an earlier expansion, `jetfx.stream(gm, i)`, `jetfx.branch(gm, name)`,
-    tensors, or a list of these. `weights`: one per center, on the simplex (default uniform).
+    tensors, or a list of these. `weights`: one per center, on the simplex (default uniform) or,
+    with `constraint="affine"`, summing to 1. A 1-D tensor that requires grad makes the compiled
+    expansion differentiable in it (`JetExpansion.compile`, `.evaluate`).
+
+    `recenter=False` expands around the origin of the variate: each jet term is
+    w_i·Σ_j D^j f(x_i)[y, …, y]/j!, the Taylor polynomial of y ↦ f(x_i + y) at y = 0, instead of
+    w_i·J^k f(x_i)(y) (polynomial in y − x_i). Identity terms are unchanged (the centers, which sum to
+    y exactly). The remainder is still exact, but no longer small as the centers approach y: the
+    terms approximate f(x_i + y), not f(y) (docs/weights.md).
 
     `split=True` (k ≥ 1) splits every jet term w_i·J^k γ(x_i)(y) by degree d ≤ k and by the
     multiset of other centers that enter it: parts w_i·D^dγ(x_i)[x_o1…x_od]/(m_1!…m_s!) named
@@ -194,11 +228,17 @@ def jet_expand(gm: fx.GraphModule, l, centers, k: int, weights=None, *, split: b
     c = _as_terms(gm, centers)
     if c.space != STREAM:
         raise ExpansionError("centers must be stream vectors (terms expanded at a block), not logits")
-    w = _check_weights(weights, len(c))
+    w = _check_weights(weights, len(c), constraint)
+    tensor = weights if isinstance(weights, torch.Tensor) else None
+    if tensor is not None and not tensor.is_floating_point():
+        raise ExpansionError(f"jet weights must be a floating tensor, got dtype {tensor.dtype}")
     if not split:
         if degrees is not None:
             raise ExpansionError("degrees= selects parts of split jet terms: pass split=True as well")
-        return _jet_expand(gm, structure, site, c, k, w)
+        return _jet_expand(gm, structure, site, c, k, w, tensor=tensor, recenter=recenter)
+    if not recenter:
+        raise ExpansionError("recenter=False does not apply to split jets: a split part is taken along the other "
+                             "centers, which sum to y − x_i; use recenter=True with split=True")
     kept = check_split_degrees(k, degrees)
     functions = (None,) if site == "decoder" else structure.steps[site].blocks
     n_parts = len(functions) * len(c) * sum(math.comb(len(c) - 2 + d, d) if d else 1 for d in kept)
@@ -206,7 +246,7 @@ def jet_expand(gm: fx.GraphModule, l, centers, k: int, weights=None, *, split: b
         raise ExpansionError(f"the split has {n_parts} parts ({len(c)} centers, degrees {list(kept)}), more than "
                              f"max_terms={max_terms}; keep fewer degrees (degrees=…), fewer centers, or raise max_terms")
     parts = split_parts(len(c), range(len(functions)), kept)
-    return _jet_expand(gm, structure, site, c, k, w, split_parts=parts)
+    return _jet_expand(gm, structure, site, c, k, w, split_parts=parts, tensor=tensor)
 
 
 def check_split_degrees(k: int, degrees) -> tuple[int, ...]:
@@ -252,11 +292,14 @@ def split_name(center: str, function, others: Sequence[str]) -> str:
 
 
 def _jet_expand(gm, structure: ResidualStructure, site, c: Terms, k: int, w: tuple[float, ...],
-                pairs=None, keep=None, split_parts=None) -> JetExpansion:
+                pairs=None, keep=None, split_parts=None, *, tensor=None, total=None, recenter: bool = True) -> JetExpansion:
     """Algorithm 1 without argument checks. `pairs` restricts which (center, block) jets are built
     and `keep` which identity terms are kept (to compile selected paths only); the remainder then
-    contains what was left out. `split_parts` replaces the jets by these parts of their split."""
+    contains what was left out. `split_parts` replaces the jets by these parts of their split.
+    `tensor`: the weights as given (compiled modules use it); `total`: the number of centers that
+    share the constraint in the whole expansion (default: these)."""
     symbols = tuple(f"w{site}_{i}" if site != "decoder" else f"ω_{i}" for i in range(len(c)))
+    w = JetWeights(w, site=site_name(site), tensor=tensor, total=total, centers=c.names)
     if split_parts is not None:
         functions = (None,) if site == "decoder" else structure.steps[site].blocks
         names = c.names
@@ -272,11 +315,12 @@ def _jet_expand(gm, structure: ResidualStructure, site, c: Terms, k: int, w: tup
     if site == "decoder":
         all_pairs = tuple((i, 0) for i in range(len(c)))
         jets = Jet("decoder", (None,), c, k, w, tuple(pairs) if pairs is not None else all_pairs,
-                   weight_symbols=symbols, space=LOGITS)
+                   weight_symbols=symbols, space=LOGITS, recenter=recenter)
         return JetExpansion(gm, jets, Remainder(Logits(), jets, space=LOGITS))
     functions = structure.steps[site].blocks
     all_pairs = tuple((i, j) for j in range(len(functions)) for i in range(len(c)))
-    jets = Jet(site, functions, c, k, w, tuple(pairs) if pairs is not None else all_pairs, weight_symbols=symbols)
+    jets = Jet(site, functions, c, k, w, tuple(pairs) if pairs is not None else all_pairs, weight_symbols=symbols,
+               recenter=recenter)
     identity = c if k >= 1 else Scaled(c, w, symbols)
     if keep is not None and len(keep) != len(c):
         identity = Select(identity, tuple(keep))
@@ -289,8 +333,13 @@ def _jet_expand(gm, structure: ResidualStructure, site, c: Terms, k: int, w: tup
 # Algorithm 2
 
 
-def exponential(gm: fx.GraphModule, k: int, selected: Sequence[P.Path] | None = None) -> JetExpansion:
-    """Algorithm 2 with uniform weights, building only the terms the `selected` paths need."""
+def exponential(gm: fx.GraphModule, k: int, selected: Sequence[P.Path] | None = None, *,
+                recenter: bool = True) -> JetExpansion:
+    """Algorithm 2 with uniform weights, building only the terms the `selected` paths need.
+
+    Each site's weights are 1/|ξ| of the full expansion whichever centers are selected; the
+    uncompiled ones share the constraint (JetWeights.total), which is what makes a fitted weight
+    of a selected term free up to the slack of the others (`jetfx.weights`)."""
     k = check_order(k)
     structure = residual_of(gm)
     steps = structure.steps
@@ -312,11 +361,13 @@ def exponential(gm: fx.GraphModule, k: int, selected: Sequence[P.Path] | None = 
         keep_ids = [i for i, ch in enumerate(choices) if ch + (None,) in prefixes[s]]
         pairs = [(i, j) for j, b in enumerate(blocks) for i, ch in enumerate(choices) if ch + (b.name,) in prefixes[s]]
         # weights 1/|ξ| of the full expansion (Algorithm 2), whichever centers are selected
-        xi = _jet_expand(gm, structure, s, terms, k, (1.0 / full,) * len(choices), pairs=pairs, keep=keep_ids)
+        xi = _jet_expand(gm, structure, s, terms, k, (1.0 / full,) * len(choices), pairs=pairs, keep=keep_ids,
+                         total=full, recenter=recenter)
         choices = [choices[i] + (None,) for i in keep_ids] + [choices[i] + (blocks[j].name,) for i, j in pairs]
         terms = xi.terms
         full *= 1 + len(blocks)
-    return _jet_expand(gm, structure, "decoder", terms, k, (1.0 / full,) * len(choices))
+    return _jet_expand(gm, structure, "decoder", terms, k, (1.0 / full,) * len(choices), total=full,
+                       recenter=recenter)
 
 
 def _choices(structure: ResidualStructure, blocks: tuple[str, ...]) -> tuple:
@@ -331,45 +382,88 @@ def _choices(structure: ResidualStructure, blocks: tuple[str, ...]) -> tuple:
 
 
 def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAULT_MAX_PATHS, jets: str = "auto",
-           split: bool = False, degrees=None, weights: str | None = None, example_inputs=None):
+           split: bool = False, degrees=None, weights=None, tokens=None, constraint: str = "simplex",
+           recenter: bool = True, fit: dict | None = None, example_inputs=None):
     """The exponential jet expansion of a traced model, compiled into a runnable GraphModule.
 
     `paths` selects the compiled paths: a `jetfx.paths` filter, a predicate on `Path`, or path
     names. The module's output holds one logits tensor per selected path and the remainder;
-    paths + remainder = the model's logits exactly, whatever the selection.
+    paths + remainder = the model's logits exactly, whatever the selection and the weights.
+
+    `weights`: None (Algorithm 2's 1/|ξ_s| at every step s); "optimized" — fitted on `tokens` (a
+    text, a list of texts or ids) to minimize the logits' remainder in the UᵀU metric, see
+    `jetfx.weights.fit_weights` (options in `fit`, e.g. {"max_evals": 300}; what it did is
+    `ex.weight_fit`); or a dict {site: weights} as in `ex.jet_weights` ("step3", …, "decoder"),
+    e.g. another module's fitted weights or tensors that require grad (gradients of the outputs
+    reach them). `constraint`: "simplex" (default) or "affine" (Σ w = 1). `recenter=False`: jets
+    around the origin of the variate (see `jet_expand`).
 
     `split=True` (k ≥ 1) compiles the super-exponential expansion instead, every jet term split by
     degree and by the terms it interacts with; `paths` is then a `jetfx.split` filter (see there), and
     `weights` "exponential" (default: Algorithm 2's 1/2^s on the paper's paths) or "uniform" (1/N_s on
-    every term of the split level); see `jetfx.split.split_terms`.
+    every term of the split level); see `jetfx.split.split_terms`; a dict sets them afterwards, and
+    `jetfx.weights.fit_weights(ex, tokens)` fits them.
 
     `gm` is made by `jetfx.trace`, or is a GraphModule from `torch.fx.symbolic_trace` /
     `torch.export` (or an ExportedProgram), re-exported first (`jetfx.tracing.as_traced`; float
     inputs need `example_inputs` when the graph records no shapes).
     """
+    from .weights import check_constraint, fit_weights
+
     k = check_order(k)
+    constraint = check_constraint(constraint)
+    scheme = weights if isinstance(weights, str) else None
+    if weights is not None and scheme is None and not isinstance(weights, dict):
+        raise ExpansionError(f"weights must be a name or a dict {{site: weights}} (sites as in ex.jet_weights), "
+                             f"got {type(weights).__name__}")
+    if split and scheme == "optimized":
+        raise ExpansionError("weights='optimized': the split expansion takes weights='uniform' (1/N_s on every term) "
+                             "or 'exponential' (Algorithm 2's 1/2^s on the paper's paths) when it is built; fit its "
+                             "weights afterwards with jetfx.weights.fit_weights(ex, tokens)")
+    if not split and scheme in ("uniform", "exponential"):
+        raise ExpansionError(f"weights={scheme!r} names a scheme of split jet terms: pass split=True as well. The "
+                             "exponential expansion has Algorithm 2's weights 1/|ξ_s| by default (weights=None); "
+                             "weights='optimized' fits them, a dict {site: weights} sets them")
+    if scheme is not None and scheme not in ("uniform", "exponential", "optimized"):
+        raise ExpansionError(f"weights={weights!r}: use None (Algorithm 2), 'optimized' (fitted on tokens=…), a dict "
+                             "{site: weights} as in ex.jet_weights, or with split=True 'uniform'/'exponential'")
+    if scheme == "optimized" and tokens is None:
+        raise InputError("weights='optimized' fits the jet weights on tokens: pass tokens='some text', a list of "
+                         "texts or token ids")
+    if tokens is not None and scheme != "optimized":
+        raise ExpansionError("tokens= is what weights='optimized' fits on; pass weights='optimized' as well")
+    if fit is not None and scheme != "optimized":
+        raise ExpansionError("fit= holds options of weights='optimized'")
     gm = as_traced(gm, example_inputs)
     if split:
         from .split import expand_split
 
-        return expand_split(gm, k, paths, degrees=degrees, max_paths=max_paths, jets=jets, weights=weights or "exponential")
-    if degrees is not None or weights is not None:
-        raise ExpansionError("degrees= and weights= apply to split jet terms: pass split=True as well")
-    structure = residual_of(gm)
-    graph = P.PathGraph(structure)
-    filt = P.as_filter(paths)
-    n = graph.count(filt)
-    if n == 0:
-        raise ExpansionError(f"the path filter {filt!r} selects no path of this model "
-                             f"({structure.num_blocks} blocks: {', '.join(b.name for b in structure.blocks[:6])}…); "
-                             "loosen it")
-    if n > max_paths:
-        raise ExpansionError(_too_many(graph, filt, n, max_paths))
-    selected = list(graph.iter_paths(filt))
-    expansion = exponential(gm, k, selected)
-    from .passes.materialize import compile_expansion
+        if not recenter:
+            raise ExpansionError("recenter=False does not apply to split jets (see jet_expand)")
+        module = expand_split(gm, k, paths, degrees=degrees, max_paths=max_paths, jets=jets, weights=scheme or "exponential")
+    else:
+        if degrees is not None:
+            raise ExpansionError("degrees= applies to split jet terms: pass split=True as well")
+        structure = residual_of(gm)
+        graph = P.PathGraph(structure)
+        filt = P.as_filter(paths)
+        n = graph.count(filt)
+        if n == 0:
+            raise ExpansionError(f"the path filter {filt!r} selects no path of this model "
+                                 f"({structure.num_blocks} blocks: {', '.join(b.name for b in structure.blocks[:6])}…); "
+                                 "loosen it")
+        if n > max_paths:
+            raise ExpansionError(_too_many(graph, filt, n, max_paths))
+        selected = list(graph.iter_paths(filt))
+        expansion = exponential(gm, k, selected, recenter=recenter)
+        from .passes.materialize import compile_expansion
 
-    return compile_expansion(gm, expansion.terms, jets=jets, path_graph=graph, selected=selected, k=k)
+        module = compile_expansion(gm, expansion.terms, jets=jets, path_graph=graph, selected=selected, k=k)
+    if isinstance(weights, dict):
+        module.set_jet_weights(weights, constraint=constraint)
+    elif scheme == "optimized":
+        fit_weights(module, tokens, constraint=constraint, **(fit or {}))
+    return module
 
 
 def _too_many(graph: P.PathGraph, filt, n: int, limit: int) -> str:

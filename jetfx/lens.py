@@ -7,7 +7,9 @@ The decoder is υ = U ∘ γ_{L+1} (final norm, then unembedding). For stream no
                                                                 at i = L it equals the logits, any k)
 - joint jet lens:             Σ_i w_i · U · J^k γ_{L+1}(x_i)(h_L), with centers x_i that sum to h_L:
                               the encoder output η and every block output γ_b(h) (granularity
-                              "branch"), or η and the per-layer increments (granularity "layer").
+                              "branch"), or η and the per-layer increments (granularity "layer");
+                              or, over chosen rows (`layers=[0, 10, 20, 30]`), what the stream gained
+                              since the previous chosen row (the first: η and everything before it).
                               Weights on the simplex, uniform or optimized per token to minimize
                               ‖γ_{L+1}(h_L) − Σ w_i J^k γ_{L+1}(x_i)(h_L)‖² in the metric UᵀU (Remark 3).
 
@@ -232,15 +234,43 @@ class LensResult:
             d.update(loss_curve=self.loss_curve, uniform_loss=self.uniform_loss, optimized_loss=self.optimized_loss)
         return d
 
-    def html(self, batch: int = 0, title: str | None = None) -> str:
+    def html(self, batch: int = 0, title: str | None = None, rows=None) -> str:
+        """The Figure-3 table as a page. `rows`: which rows to show — labels or indices, or an int n
+        for the n rows with the largest mean jet weight (joint lens; the paper's Figure 3 shows 7)."""
         from .lens_view import lens_html
 
-        return lens_html(self, batch=batch, title=title)
+        return lens_html(self, batch=batch, title=title, rows=rows)
 
-    def svg(self, batch: int = 0, title: str | None = None) -> str:
+    def svg(self, batch: int = 0, title: str | None = None, rows=None) -> str:
         from .lens_view import lens_svg
 
-        return lens_svg(self, batch=batch, title=title)
+        return lens_svg(self, batch=batch, title=title, rows=rows)
+
+    def row_indices(self, rows=None, batch: int = 0) -> list[int]:
+        """Indices of `rows` (see `html`), in the lens's order; all rows for None."""
+        if rows is None:
+            return list(range(len(self.rows)))
+        if isinstance(rows, int) and not isinstance(rows, bool):
+            if self.kind != "joint":
+                raise InputError("rows=n picks the n rows with the largest jet weights: a joint lens's; for an "
+                                 "iterative lens give the rows (labels or indices), or layers= when computing it")
+            if rows < 1:
+                raise InputError(f"rows={rows}: give a positive number of rows")
+            mean = self.weights[:, batch].double().mean(-1)
+            return sorted(mean.argsort(descending=True)[:rows].tolist())
+        picked = []
+        for r in rows:
+            if isinstance(r, str):
+                if r not in self.rows:
+                    raise InputError(f"no row {r!r} in this lens; its rows are {', '.join(self.rows[:6])}…")
+                picked.append(self.rows.index(r))
+            elif isinstance(r, int) and not isinstance(r, bool) and -len(self.rows) <= r < len(self.rows):
+                picked.append(r % len(self.rows))
+            else:
+                raise InputError(f"row {r!r} is neither a row label nor an index below {len(self.rows)}")
+        if not picked:
+            raise InputError("rows= selects no row")
+        return sorted(set(picked))
 
     def save(self, folder, stem: str | None = None, batch: int = 0, n: int = 5) -> dict[str, Path]:
         """Write `<stem>.html`, `<stem>.svg` and `<stem>.json` to `folder`; returns their paths."""
@@ -391,17 +421,41 @@ def logit_lens(gm: fx.GraphModule, tokens, *, layers=None, granularity: str = "l
 # joint lens
 
 
-def joint_centers(gm: fx.GraphModule, granularity: str = "layer") -> list[tuple[str, list[str]]]:
-    """(label, node names summed) of the joint lens's centers: η, then blocks or layers."""
+def joint_centers(gm: fx.GraphModule, granularity: str = "layer", layers=None) -> list[tuple[str, list[str]]]:
+    """(label, node names summed) of the joint lens's centers: η, then blocks or layers.
+
+    `layers` (row indices as in `stream_rows`, 0 = the embedding, negatives count back): one center
+    per chosen row, what the stream gained since the previous chosen row (the first: η and all the
+    blocks before it), and, when the last chosen row is not the last layer, one more center with
+    the blocks after it, labelled "rest (first … last)": the centers always sum to h_L (Lemma 1).
+    """
     structure = residual_of(gm)
     _check_granularity(granularity)
-    out = [("embed", [structure.encoder.output])]
-    if granularity == "branch":
-        out += [(b.name, [b.output]) for b in structure.blocks]
-    else:
-        for group in _layers(structure):
-            blocks = [b for s in group for b in s.blocks]
-            out.append((_layer_of(blocks[0].name) if blocks else f"step {group[0].index}", [b.output for b in blocks]))
+    if layers is None:
+        out = [("embed", [structure.encoder.output])]
+        if granularity == "branch":
+            out += [(b.name, [b.output]) for b in structure.blocks]
+        else:
+            for group in _layers(structure):
+                blocks = [b for s in group for b in s.blocks]
+                out.append((_layer_of(blocks[0].name) if blocks else f"step {group[0].index}",
+                            [b.output for b in blocks]))
+        return out
+    picked = stream_rows_from(structure, granularity, layers)
+    indices = [i for i, _ in picked]
+    if len(set(indices)) != len(indices):
+        raise ExpansionError(f"layers={list(layers)} names a row twice: give each row once")
+    picked = sorted(picked)
+    out, start = [], 0
+    for n, (stop, label) in enumerate(picked):
+        names = ([structure.encoder.output] if n == 0 else []) + [b.output for s in structure.steps[start:stop]
+                                                               for b in s.blocks]
+        out.append((label, names))
+        start = stop
+    if start < len(structure.steps):
+        rest = [b for s in structure.steps[start:] for b in s.blocks]
+        out.append((f"rest ({rest[0].name} … {rest[-1].name})" if len(rest) > 1 else f"rest ({rest[0].name})",
+                    [b.output for b in rest]))
     return out
 
 
@@ -501,15 +555,17 @@ def _warn_if_bad_fit(loss: float, k: int, dtype: torch.dtype) -> None:
 
 
 def joint_lens(gm: fx.GraphModule, tokens, k: int = 1, *, weights="uniform", granularity: str = "layer",
-               steps: int = 200, lr: float = 0.1, seed: int = 0, method: str = "auto") -> LensResult:
+               layers=None, steps: int = 200, lr: float = 0.1, seed: int = 0, method: str = "auto") -> LensResult:
     """Joint jet lens: Σ_i w_i · U · J^k γ_{L+1}(x_i)(h_L), centers η and each block/layer output.
 
     `weights`: "uniform", "optimized" (per token, see `optimize_weights`; `steps`, `lr`, `seed`)
-    or a sequence of one weight per center on the simplex (the same for every token).
+    or a sequence of one weight per center on the simplex (the same for every token). `layers`:
+    a subset of rows (as in `iterative_lens`; e.g. [0, 10, 20, 30]), each row's center being what
+    the stream gained since the previous chosen row (see `joint_centers`).
     """
     k = check_order(k)
     structure = residual_of(gm)
-    centers_spec = joint_centers(gm, granularity)
+    centers_spec = joint_centers(gm, granularity, layers)
     dec = _decoder(gm)
     _check_norm(dec, k)
     n = len(centers_spec)

@@ -34,12 +34,14 @@ def _show(token: str) -> str:
     return token.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
 
 
-def _table(lens, batch: int):
-    """(positions, rows, cells[r][t] = (token, logit, weight), final rows) for a picture."""
+def _table(lens, batch: int, rows=None):
+    """(positions, rows, cells[r][t] = (token, logit, weight), final rows) for a picture; `rows`
+    picks the rows shown (see LensResult.row_indices), the final rows stay the whole lens's."""
+    shown = lens.row_indices(rows, batch)
     # reduced on the lens's device; only what is drawn (R × T values) is moved, in one transfer each
-    vals, ids = lens.row_logits[:, batch].max(dim=-1)  # (R, T)
+    vals, ids = lens.row_logits[:, batch][shown].max(dim=-1)  # (R, T)
     R, T = vals.shape
-    vals, ids, weights = vals.float().cpu(), ids.tolist(), lens.weights[:, batch].float().tolist()
+    vals, ids, weights = vals.float().cpu(), ids.tolist(), lens.weights[:, batch][shown].float().tolist()
     cells = []
     for r in range(R):
         texts = lens.token_text(ids[r])
@@ -53,7 +55,7 @@ def _table(lens, batch: int):
         cos = lens.cosine[:, batch].mean(0).tolist()
     scale = float(vals.abs().max()) if vals.numel() else 1.0
     show_weights = lens.kind == "joint"
-    return lens.positions(batch), list(lens.rows), cells, model_top, lens_top, cos, scale, show_weights
+    return lens.positions(batch), [lens.rows[r] for r in shown], cells, model_top, lens_top, cos, scale, show_weights
 
 
 def _title(lens, title):
@@ -65,9 +67,9 @@ def _title(lens, title):
     return f"{what}, k={lens.k}{extra} (by {lens.granularity}){model}"
 
 
-def lens_html(lens, batch: int = 0, title: str | None = None) -> str:
-    """A standalone HTML page: the lens table, one `<td class="cell">` per row and position."""
-    positions, rows, cells, model_top, lens_top, cos, scale, show_weights = _table(lens, batch)
+def lens_html(lens, batch: int = 0, title: str | None = None, rows=None) -> str:
+    """A standalone HTML page: the lens table, one `<td class="cell">` per row shown and position."""
+    positions, rows, cells, model_top, lens_top, cos, scale, show_weights = _table(lens, batch, rows)
     e = _html.escape
     out = [
         "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
@@ -112,9 +114,9 @@ def lens_html(lens, batch: int = 0, title: str | None = None) -> str:
     return "\n".join(out)
 
 
-def lens_svg(lens, batch: int = 0, title: str | None = None) -> str:
+def lens_svg(lens, batch: int = 0, title: str | None = None, rows=None) -> str:
     """The same table as an SVG picture."""
-    positions, rows, cells, model_top, lens_top, cos, scale, show_weights = _table(lens, batch)
+    positions, rows, cells, model_top, lens_top, cos, scale, show_weights = _table(lens, batch, rows)
     e = _html.escape
     R, T = len(rows), len(positions)
     width = LABEL_W + T * CELL_W + 10

@@ -643,7 +643,9 @@ def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=N
     """
     structure = residual_of(gm)
     steps = structure.steps
-    weight_of = weight_of or level_weights(SplitPathGraph(structure, k, degrees), weights)
+    graph = SplitPathGraph(structure, k, degrees)
+    weight_of = weight_of or level_weights(graph, weights)
+    sizes = graph.level_sizes()  # the terms of each level share its weights' constraint (JetWeights.total)
     # which terms are needed, and the last step that uses each (S: the decoder)
     last_use: dict[SplitPath, int] = {}
 
@@ -671,12 +673,12 @@ def split_terms(gm: fx.GraphModule, k: int, selected: list[SplitPath], degrees=N
         w = tuple(weight_of(s - 1, t) for t in current)
         if not parts and len(keep) == len(current):
             continue
-        xi = _jet_expand(gm, structure, s, terms, k, w, keep=keep, split_parts=parts)
+        xi = _jet_expand(gm, structure, s, terms, k, w, keep=keep, split_parts=parts, total=sizes[s - 1])
         terms = xi.terms
         current = [current[i] for i in keep] + made
     parts = _parts(current, selected, (None,))
     return _jet_expand(gm, structure, "decoder", terms, k, tuple(weight_of(len(steps) - 1, t) for t in current),
-                       split_parts=parts)
+                       split_parts=parts, total=sizes[-1])
 
 
 def level_weights(graph: SplitPathGraph, weights: str):

@@ -171,8 +171,10 @@ def symbolic_view(expanded, *, weights: str = "symbols") -> SymbolicExpansion:
         raise ExpansionError("weights must be 'symbols' or 'values'")
     terms = expanded.terms
     view = _View(expanded.structure)
-    if weights == "values":
-        view._symbols = lambda names, values: tuple(sympy.nsimplify(v) for v in values)  # noqa: E731
+    if weights == "values":  # the module's current weights (set or fitted), not those it was built with
+        current = {id(site.weights): expanded.get_buffer(site.target).detach().double().tolist()
+                   for site in getattr(expanded, "weight_sites", ())}
+        view._symbols = lambda names, values: tuple(sympy.nsimplify(v) for v in current.get(id(values), values))  # noqa: E731
     exprs = view.lower(terms)
     named: dict[str, sympy.Expr] = {}
     for name, e in zip(terms.names, exprs):

@@ -22,6 +22,45 @@ from .structure import Block
 STREAM, LOGITS = "stream", "logits"
 
 
+class JetWeights(tuple):
+    """The jet weights of one application of Algorithm 1 (a *site*: a block step or the decoder).
+
+    One weight per center, shared by the site's jet terms and (k = 0) identity terms. As a tuple it
+    holds floats (what the symbolic view and the pictures read); `tensor`, when given, is what a
+    compiled module uses, and may require grad (differentiable expansions). `total` counts the
+    centers that share the constraint Σ w = 1: more than `len(self)` when only some terms of an
+    expansion are compiled — the others' terms are in the remainder, and their weights are one
+    number, the *slack* 1 − Σ (weights that compiled terms use). `site` names the site ("step3",
+    "decoder") in compiled modules (`ExpandedModule.jet_weights`).
+    """
+
+    site: str
+    tensor: torch.Tensor | None
+    total: int
+    centers: tuple[str, ...]
+
+    def __new__(cls, values, *, site: str, tensor: torch.Tensor | None = None, total: int | None = None,
+                centers: tuple[str, ...] = ()):
+        self = super().__new__(cls, (float(v) for v in values))
+        self.site = site
+        self.tensor = tensor
+        self.total = len(self) if total is None else int(total)
+        self.centers = tuple(centers)
+        return self
+
+    def __reduce__(self):  # deepcopy/pickle keep the attributes
+        return (_jet_weights, (tuple(self), self.site, self.tensor, self.total, self.centers))
+
+
+def _jet_weights(values, site, tensor, total, centers):
+    return JetWeights(values, site=site, tensor=tensor, total=total, centers=centers)
+
+
+def site_name(site) -> str:
+    """"step3" for block step 3, "decoder" for the decoder: the key of a site's jet weights."""
+    return "decoder" if site == "decoder" else f"step{site}"
+
+
 class Terms:
     """N named terms of one space ("stream": vectors in R^d, "logits": vectors in R^V)."""
 
@@ -154,11 +193,12 @@ class Jet(Terms):
     functions: tuple[Block | None, ...]  # the step's blocks, or (None,) for the decoder
     centers: Terms
     k: int
-    weights: tuple[float, ...]  # one per center
+    weights: tuple[float, ...]  # one per center (a JetWeights when made by jet_expand)
     pairs: tuple[tuple[int, int], ...]
     weight_symbols: tuple[str, ...] = ()  # names of the weights in the symbolic view
     name_style: str = "path"  # "path": center>block; "center": keep the center's name
     space: str = field(default=STREAM)
+    recenter: bool = True  # False: the variate y is the direction (jets of f(x_i + t·y)), not y − x_i
 
     @cached_property
     def names(self):
@@ -242,6 +282,61 @@ def walk(terms: Terms):
 
     visit(terms)
     return order
+
+
+def needed_rows(root: Terms) -> dict[int, set[int]]:
+    """For every Terms node under `root` (by id), the rows that `root`'s values depend on.
+
+    Rows that no output uses are computed by some lowerings (a k = 0 identity term whose path is not
+    selected) but carry nothing: their weights are not parameters of the expansion.
+    """
+    need: dict[int, set[int]] = {id(root): set(range(len(root)))}
+    for t in reversed(walk(root)):  # consumers before what they consume
+        rows = need.get(id(t), set())
+        if not rows:
+            continue
+        if isinstance(t, Concat):
+            offset = 0
+            for p in t.parts:
+                _add(need, p, {r - offset for r in rows if offset <= r < offset + len(p)})
+                offset += len(p)
+        elif isinstance(t, Select):
+            _add(need, t.source, {t.indices[r] for r in rows})
+        elif isinstance(t, Scaled):
+            _add(need, t.source, rows)
+        elif isinstance(t, Jet):
+            _add(need, t.centers, {t.pairs[r][0] for r in rows})
+        elif isinstance(t, SplitJet):
+            _add(need, t.centers, {i for r in rows for i in (t.parts[r][0], *t.parts[r][2])})
+        elif isinstance(t, Grouped):
+            _add(need, t.source, {m for r in rows for m in t.groups[r]})
+        elif isinstance(t, Remainder):
+            _add(need, t.target, set(range(len(t.target))))
+            _add(need, t.terms, set(range(len(t.terms))))
+    return need
+
+
+def used_weights(root: Terms) -> dict[int, tuple[object, set[int]]]:
+    """{id(weights): (weights, indices of the centers whose weight some needed row uses)}."""
+    need = needed_rows(root)
+    out: dict[int, tuple[object, set[int]]] = {}
+    for t in walk(root):
+        rows = need.get(id(t), set())
+        if isinstance(t, Scaled):
+            used = set(rows)
+        elif isinstance(t, Jet):
+            used = {t.pairs[r][0] for r in rows}
+        elif isinstance(t, SplitJet):
+            used = {t.parts[r][0] for r in rows}
+        else:
+            continue
+        out.setdefault(id(t.weights), (t.weights, set()))[1].update(used)
+    return out
+
+
+def _add(need: dict[int, set[int]], t: Terms, rows) -> None:
+    if rows:
+        need.setdefault(id(t), set()).update(rows)
 
 
 def children(t: Terms) -> tuple[Terms, ...]:

@@ -1365,11 +1365,13 @@ class TaylorJet(torch.nn.Module):
     center x.
     """
 
-    def __init__(self, region: fx.GraphModule, k: int, strict: bool = False, coefficients: bool = False):
+    def __init__(self, region: fx.GraphModule, k: int, strict: bool = False, coefficients: bool = False,
+                 direction: bool = False):
         super().__init__()
         self.k = check_order(k)
         self.coefficients = coefficients
-        gm, fallback = taylor_graph_module(region, self.k, strict=strict)
+        self.direction = direction  # True: forward's second input is the direction v, not the variate y
+        gm, fallback = taylor_graph_module(region, self.k, strict=strict, direction=direction)
         self.graph_module = gm
         self.batched = BatchedGraph(gm)  # gm over the centers: vmap, then a graph traced once
         self.fallback_ops = fallback
