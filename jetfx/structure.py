@@ -15,13 +15,19 @@ import math
 from dataclasses import dataclass, field
 
 
+# attn: attention; mlp: a feed-forward block; moe: routed experts (with shared experts and dense
+# fall-backs); mixer: token mixing without softmax attention (state-space scans, convolutions,
+# linear attention); other: anything else
+BLOCK_KINDS = ("attn", "mlp", "moe", "mixer", "other")
+
+
 @dataclass(frozen=True)
 class Block:
     """One residual branch γ_b: a subgraph from a stream node to a summand of the next one."""
 
     name: str  # short readable name, e.g. "h.3.attn" or "layers.3.mlp"
     qualname: str  # full module path in the model, e.g. "transformer.h.3.attn"
-    kind: str  # "attn", "mlp" or "other"
+    kind: str  # one of BLOCK_KINDS
     index: int  # position among all blocks, 0-based
     step: int  # the residual step whose stream node the block reads
     input: str  # FX node name of the stream node h_step (the block's input)

@@ -254,7 +254,7 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
                             "the tokens but is not its stream input; jets treat it as a constant",
                             stacklevel=2,
                         )
-            kind = _kind(reg, dep)
+            kind = _kind(reg, dep, skip)
             short = _short_name(qual) if qual else f"block{block_index}"
             if short in used_names:
                 used_names[short] += 1
@@ -298,18 +298,56 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
     return structure
 
 
-def _kind(region: set[fx.Node], dep: set[fx.Node]) -> str:
-    matmuls = 0
-    for n in region:
-        if n.op != "call_function":
-            continue
-        if n.target in ATTENTION_OPS:
-            return "attn"
-        if n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default) and len(_dep_args(n, dep)) >= 2:
-            return "attn"  # a product of two stream-dependent tensors: query-key scores
-        if n.target in MATMUL_OPS:
-            matmuls += 1
-    nonlinear = any(n.op == "call_function" and not _is_linear_op(n, dep) and n.target not in MATMUL_OPS for n in region)
+SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
+FUSED_ATTENTION_OPS = ATTENTION_OPS - SOFTMAX_OPS
+ROUTING_OPS = {aten.topk.default, aten.sort.default, aten.sort.stable, aten.argsort.default, aten.argmax.default,
+               aten.max.dim, aten.argsort.stable}
+MIXER_OPS = {aten.convolution.default, aten.conv1d.default, aten.cumsum.default, aten.cumprod.default,
+             aten._conv_depthwise2d.default}
+
+
+def _smooth(region: set[fx.Node], stream: fx.Node) -> set[fx.Node]:
+    """Floating-point nodes of a block computed from its stream input through floating values: integer
+    nodes (routing indices, masks) break the chain, so `expert_weight[index]` is not stream data."""
+    smooth = {stream}
+    for n in sorted(region, key=_order_key(stream)):
+        v = val(n)
+        floating = isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+        if isinstance(v, (tuple, list)):
+            floating = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v)
+        if floating and any(a in smooth for a in n.all_input_nodes):
+            smooth.add(n)
+    return smooth
+
+
+def _order_key(stream: fx.Node):
+    order = {n: i for i, n in enumerate(stream.graph.nodes)}
+    return lambda n: order[n]
+
+
+def _kind(region: set[fx.Node], dep: set[fx.Node], stream: fx.Node | None = None) -> str:
+    """attn (a product of two stream-dependent tensors: query-key scores), moe (routed experts: a
+    top-k or sort of stream data, then products), mixer (state-space / convolutional token mixing),
+    mlp (two products and a non-linearity) or other."""
+    smooth = _smooth(region, stream) if stream is not None else dep
+    calls = [n for n in region if n.op == "call_function"]
+
+    def on_stream(n):
+        return any(a in smooth for a in n.all_input_nodes)
+
+    if any(n.target in FUSED_ATTENTION_OPS for n in calls):
+        return "attn"
+    softmax = any(n.target in SOFTMAX_OPS and on_stream(n) for n in calls)
+    products = any(n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default)
+                   and len([a for a in n.all_input_nodes if a in smooth]) >= 2 for n in calls)
+    if products and softmax:
+        return "attn"  # softmax over a product of two stream-dependent tensors: query-key scores
+    matmuls = sum(1 for n in calls if n.target in MATMUL_OPS or "grouped_mm" in str(n.target))
+    if any(n.target in ROUTING_OPS and on_stream(n) for n in calls) and matmuls >= 2:
+        return "moe"
+    if products or any(n.target in MIXER_OPS and on_stream(n) for n in calls):
+        return "mixer"  # token mixing without softmax: state-space scans, convolutions, linear attention
+    nonlinear = any(not _is_linear_op(n, dep) and n.target not in MATMUL_OPS for n in calls)
     return "mlp" if matmuls >= 2 and nonlinear else "other"
 
 
