@@ -11,8 +11,8 @@
   `aten._grouped_mm`) are opaque kernels without forward derivatives. They become `grouped_mm`, the
   same product written with slices, `mm` and `cat`, which nested AD goes through and which Taylor
   mode treats as linear in its input (the routing offsets are constants: the center's routing).
-- In-place ops on fresh tensors that export leaves in a graph (`index_put_` on an `empty_like`)
-  become their out-of-place forms, so that batched jets never write into a shared side input.
+- In-place ops (`passes.cleanup.functionalize_inplace`): batched jets must never write into a
+  shared side input.
 - `silu` and `mish` have forward derivatives written with their backward kernels, which have none
   themselves: nesting them fails outside grad mode. They become x·σ(x) and x·tanh(softplus(x)).
 """
@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from ._graph import aten, val
+from .cleanup import functionalize_inplace
 
 
 def _static(x):
@@ -191,28 +192,6 @@ def decompose_grouped_mm(gm: fx.GraphModule) -> fx.GraphModule:
             continue  # another form of grouped product: left to the fallback
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(grouped_mm, (args["input"], args["weight"], args["offs"]))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.recompile()
-    return gm
-
-
-def functionalize_inplace(gm: fx.GraphModule) -> fx.GraphModule:
-    """`op_(x, …)` → `op(x, …)` where nothing reads `x` after the op (export's fresh buffers)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not hasattr(node.target, "overloadpacket"):
-            continue
-        name = node.target.overloadpacket.__name__
-        if not name.endswith("_") or name.startswith("_") or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        functional = getattr(getattr(aten, name[:-1], None), node.target._overloadname, None)
-        target = node.args[0]
-        if functional is None or any(order[u] > order[node] for u in target.users if u is not node):
-            continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(functional, node.args, node.kwargs)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -100,6 +100,30 @@ def _dominator_chain(G: nx.DiGraph, source: fx.Node, sink: fx.Node) -> list[fx.N
     return chain
 
 
+def _sum_leaves(node: fx.Node, stream: fx.Node, dep: set[fx.Node]) -> list[fx.Node]:
+    """The terms of a residual sum: `(h + attn) + mlp` (Cohere's shared-norm parallel block) has the
+    leaves h, attn and mlp. Partial sums are opened while they are not the stream node itself."""
+    if node is not stream and node in dep and is_residual_add(node) and node.args[0] is not node.args[1]:
+        a, b = node.args[0], node.args[1]
+        if a is stream or b is stream or _reaches(stream, node):
+            return _sum_leaves(a, stream, dep) + _sum_leaves(b, stream, dep)
+    return [node]
+
+
+def _reaches(stream: fx.Node, node: fx.Node) -> bool:
+    """Whether the partial sum `node` contains the stream node as a term (so it must be opened)."""
+    frontier, seen = [node], set()
+    while frontier:
+        n = frontier.pop()
+        if n is stream:
+            return True
+        if n in seen or not is_residual_add(n):
+            continue
+        seen.add(n)
+        frontier.extend(a for a in n.args[:2] if isinstance(a, fx.Node))
+    return False
+
+
 def _summands(node: fx.Node, stream: fx.Node, dep: set[fx.Node], G: nx.DiGraph) -> list[fx.Node]:
     """Split a branch output that is a sum of stream-dependent terms (parallel residual)."""
     if is_residual_add(node) and len(node.users) == 1:
@@ -124,9 +148,10 @@ def _short_name(qualname: str) -> str:
 class _Namer:
     """Names blocks after the module (under the common module path) holding most parameters."""
 
-    def __init__(self, gm: fx.GraphModule, strip_prefix: str):
+    def __init__(self, gm: fx.GraphModule, strip_prefix: str, dep: set[fx.Node] = frozenset()):
         self.gm = gm
         self.strip = strip_prefix
+        self.dep = dep
 
     def path(self, node: fx.Node) -> str | None:
         p = module_path(node)
@@ -135,6 +160,21 @@ class _Namer:
         if self.strip and (p == self.strip.rstrip(".") or p.startswith(self.strip)):
             p = p[len(self.strip) :] if p.startswith(self.strip) else ""
         return p
+
+    def parameters_read(self, node: fx.Node, depth: int = 4) -> int:
+        """Parameter entries behind an argument: a `get_attr`, or a transpose/view/cast of one
+        (Falcon multiplies by `numpy_T` of its weights)."""
+        if node.op == "get_attr":
+            try:
+                t = fetch_attr(self.gm, node.target)
+            except AttributeError:
+                return 0
+            return t.numel() if isinstance(t, torch.Tensor) else 0
+        if depth == 0 or node.op != "call_function" or node in self.dep:
+            return 0
+        if not (is_identity_like(node) or node.target in _LINEAR_SHAPE_OPS or "numpy_T" in str(node.target)):
+            return 0
+        return sum(self.parameters_read(a, depth - 1) for a in node.all_input_nodes)
 
     def qualname(self, region: set[fx.Node]) -> str:
         paths = [(n, self.path(n)) for n in region]
@@ -153,14 +193,7 @@ class _Namer:
             if len(parts) <= len(common):
                 continue
             child = parts[len(common)]
-            weight = 0.0
-            for a in n.all_input_nodes:
-                if a.op == "get_attr":
-                    try:
-                        t = fetch_attr(self.gm, a.target)
-                        weight += t.numel() if isinstance(t, torch.Tensor) else 0
-                    except AttributeError:
-                        pass
+            weight = float(sum(self.parameters_read(a) for a in n.all_input_nodes))
             scores[child] = scores.get(child, 0.0) + weight + 1e-3  # node count breaks ties
         best = max(scores, key=scores.get) if scores else None
         # a block spanning several children of a Sequential/ModuleList is named after the container
@@ -201,16 +234,14 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
     chain = _dominator_chain(G, source, logits)
     position = {n: i for i, n in enumerate(chain)}
 
-    residual = []  # (add node, skip operand = stream node, branch output)
+    residual = []  # (add node, skip operand = stream node, branch outputs)
     for i, n in enumerate(chain[1:], start=1):
         if not is_residual_add(n):
             continue
         prev = chain[i - 1]
-        a, b = n.args[0], n.args[1]
-        if a is prev and b is not prev and b in dep:
-            residual.append((n, a, b))
-        elif b is prev and a is not prev and a in dep:
-            residual.append((n, b, a))
+        leaves = _sum_leaves(n, prev, dep)
+        if leaves.count(prev) == 1 and len(leaves) > 1 and all(x in dep for x in leaves):
+            residual.append((n, prev, [x for x in leaves if x is not prev]))
     if not residual:
         raise StructureError(
             "no residual stream found: on the path from the tokens to the logits there is no "
@@ -229,19 +260,23 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
                     "h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
                 )
 
-    namer = _Namer(gm, strip_prefix)
+    namer = _Namer(gm, strip_prefix, dep)
     order = {n: i for i, n in enumerate(graph.nodes)}
     steps: list[Step] = []
     region_nodes: set[fx.Node] = set()
     used_names: dict[str, int] = {}
     block_index = 0
-    for s, (r, skip, branch) in enumerate(residual):
+    for s, (r, skip, branches) in enumerate(residual):
         after = nx.descendants(G, skip)
-        outs = _summands(branch, skip, dep, G)
+        outs = [o for branch in branches for o in _summands(branch, skip, dep, G)]
         regions = [_region(G, skip, o, after) for o in outs]
         names = [namer.qualname(reg) for reg in regions]
         if len(outs) > 1 and len(set(names)) < len(names):
-            outs, regions = [branch], [_region(G, skip, branch, after)]
+            if len(branches) > 1:
+                raise StructureError(
+                    f"the residual step at '{r.name}' (module {module_path(r) or '?'}) adds {len(outs)} branches that "
+                    "come from the same module; jetfx cannot tell them apart")
+            outs, regions = [branches[0]], [_region(G, skip, branches[0], after)]
             names = [namer.qualname(regions[0])]
         triples = sorted(zip(outs, regions, names), key=lambda t: order[t[0]])
         blocks = []
