@@ -77,6 +77,7 @@ class ResidualStructure:
     steps: tuple[Step, ...]
     decoder: Decoder
     side_inputs: tuple[str, ...] = field(default=(), repr=False)
+    rewrites: tuple[str, ...] = field(default=(), repr=False)  # what passes.residual_form changed
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -126,6 +127,9 @@ class ResidualStructure:
         count = self.num_paths
         exp = "2^%d" % self.num_blocks if count == 2**self.num_blocks else "prod(1+blocks per step)"
         lines.append(f"  exponential expansion: {count} paths ({exp})")
+        if self.rewrites:
+            lines.append(f"  rewritten into residual form ({len(self.rewrites)}): {self.rewrites[0]}"
+                         + (" …" if len(self.rewrites) > 1 else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:  # printing the structure should read well in a REPL too

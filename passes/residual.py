@@ -32,7 +32,8 @@ from jetfx.errors import StructureError
 from jetfx.structure import Block, Decoder, Encoder, ResidualStructure, Step
 
 from ._graph import aten, fetch_attr, first_output_value, is_identity_like, is_residual_add, module_path, val
-from .dependence import value_dependent
+from .residual_form import to_residual_form
+from .stream import is_round_trip, stream_chain
 
 ATTENTION_OPS = {
     aten.scaled_dot_product_attention.default,
@@ -84,44 +85,6 @@ def _is_linear_op(node: fx.Node, dep: set[fx.Node]) -> bool:
         return len([a for a in node.args[:2] if isinstance(a, fx.Node) and a in dep]) == 2
     return False
 
-
-
-def _dominator_chain(G: nx.DiGraph, source: fx.Node, sink: fx.Node) -> list[fx.Node]:
-    idom = nx.immediate_dominators(G, source)
-    chain = [sink]
-    node = sink
-    while node is not source:
-        parent = idom.get(node)
-        if parent is None or parent is node:
-            break
-        chain.append(parent)
-        node = parent
-    chain.reverse()
-    return chain
-
-
-def _sum_leaves(node: fx.Node, stream: fx.Node, dep: set[fx.Node]) -> list[fx.Node]:
-    """The terms of a residual sum: `(h + attn) + mlp` (Cohere's shared-norm parallel block) has the
-    leaves h, attn and mlp. Partial sums are opened while they are not the stream node itself."""
-    if node is not stream and node in dep and is_residual_add(node) and node.args[0] is not node.args[1]:
-        a, b = node.args[0], node.args[1]
-        if a is stream or b is stream or _reaches(stream, node):
-            return _sum_leaves(a, stream, dep) + _sum_leaves(b, stream, dep)
-    return [node]
-
-
-def _reaches(stream: fx.Node, node: fx.Node) -> bool:
-    """Whether the partial sum `node` contains the stream node as a term (so it must be opened)."""
-    frontier, seen = [node], set()
-    while frontier:
-        n = frontier.pop()
-        if n is stream:
-            return True
-        if n in seen or not is_residual_add(n):
-            continue
-        seen.add(n)
-        frontier.extend(a for a in n.args[:2] if isinstance(a, fx.Node))
-    return False
 
 
 def _summands(node: fx.Node, stream: fx.Node, dep: set[fx.Node], G: nx.DiGraph) -> list[fx.Node]:
@@ -196,8 +159,10 @@ class _Namer:
             weight = float(sum(self.parameters_read(a) for a in n.all_input_nodes))
             scores[child] = scores.get(child, 0.0) + weight + 1e-3  # node count breaks ties
         best = max(scores, key=scores.get) if scores else None
-        # a block spanning several children of a Sequential/ModuleList is named after the container
-        if best is not None and not (best.isdigit() and len(scores) > 1):
+        # a block spanning several children of a Sequential/ModuleList, or several modules of similar
+        # size (OPT's fc1 and fc2, BERT's intermediate and output), is named after the container
+        share = scores[best] / sum(scores.values()) if best is not None else 0.0
+        if best is not None and not (best.isdigit() and len(scores) > 1) and (share >= 0.75 or not common):
             common = common + [best]
         return ".".join(common)
 
@@ -218,30 +183,14 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
     except ValueError as e:
         raise StructureError(f"the graph has no tensor output to expand ({e})") from None
 
-    dep = value_dependent(graph, source)
+    rewrites = to_residual_form(gm, source, logits)
+    sc = stream_chain(graph, source, logits)
+    dep, G, chain, residual = sc.dep, sc.graph, sc.chain, sc.adds
     if logits not in dep:
         raise StructureError(
             "the output of the graph does not depend on the values of the token input "
             f"'{source.name}', so there is no residual computation to expand"
         )
-    G = nx.DiGraph()
-    G.add_nodes_from(dep)
-    for n in dep:
-        for u in n.users:
-            if u in dep:
-                G.add_edge(n, u)
-
-    chain = _dominator_chain(G, source, logits)
-    position = {n: i for i, n in enumerate(chain)}
-
-    residual = []  # (add node, skip operand = stream node, branch outputs)
-    for i, n in enumerate(chain[1:], start=1):
-        if not is_residual_add(n):
-            continue
-        prev = chain[i - 1]
-        leaves = _sum_leaves(n, prev, dep)
-        if leaves.count(prev) == 1 and len(leaves) > 1 and all(x in dep for x in leaves):
-            residual.append((n, prev, [x for x in leaves if x is not prev]))
     if not residual:
         raise StructureError(
             "no residual stream found: on the path from the tokens to the logits there is no "
@@ -250,15 +199,16 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
             "connections (a plain MLP or a model without them cannot be jet-expanded)"
         )
 
-    # Between a residual add and the next stream node only identity-like ops may stand.
-    for (r, _, _), (_, skip, _) in zip(residual, residual[1:]):
-        for n in chain[position[r] + 1 : position[skip] + 1]:
-            if not is_identity_like(n):
-                raise StructureError(
-                    f"the residual stream is transformed between two residual additions by "
-                    f"'{n.name}' ({n.target}, in module {module_path(n) or '?'}); jetfx needs "
-                    "h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
-                )
+    # Between a residual add and the next stream node only casts and reshape round trips may stand
+    # (to_residual_form has folded post-norms into their blocks).
+    for r, segment in sc.segments():
+        if not is_round_trip(r, segment):
+            n = next(n for n in segment if not is_identity_like(n))
+            raise StructureError(
+                f"the residual stream is transformed between two residual additions by "
+                f"'{n.name}' ({n.target}, in module {module_path(n) or '?'}) and jetfx could not rewrite it "
+                "into residual form; jetfx needs h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
+            )
 
     namer = _Namer(gm, strip_prefix, dep)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -328,6 +278,7 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
         steps=tuple(steps),
         decoder=decoder,
         side_inputs=tuple(n.name for n in graph.nodes if n in side),
+        rewrites=tuple(rewrites),
     )
     _annotate(graph, structure, dep)
     return structure
