@@ -50,9 +50,15 @@ def stream_chain(graph: fx.Graph, source: fx.Node, logits: fx.Node) -> StreamCha
         if not is_residual_add(n):
             continue
         prev = chain[i - 1]
-        leaves = sum_leaves(n, prev, dep)
-        if leaves.count(prev) == 1 and len(leaves) > 1 and all(x in dep for x in leaves):
-            adds.append((n, prev, [x for x in leaves if x is not prev]))
+        same = {prev}  # chain nodes equal to prev: the casts leading to it (Mamba adds a cast of the stream)
+        j = i - 1
+        while j > 0 and is_identity_like(chain[j]) and chain[j].args[0] is chain[j - 1]:
+            same.add(chain[j - 1])
+            j -= 1
+        leaves = sum_leaves(n, same, dep)
+        skips = [x for x in leaves if strip_casts(x, dep) in same]
+        if len(skips) == 1 and len(leaves) > 1 and all(x in dep for x in leaves):
+            adds.append((n, prev, [x for x in leaves if x is not skips[0]]))
     return StreamChain(dep, G, chain, adds)
 
 
@@ -70,21 +76,27 @@ def dominator_chain(G: nx.DiGraph, source: fx.Node, sink: fx.Node) -> list[fx.No
     return chain
 
 
-def sum_leaves(node: fx.Node, stream: fx.Node, dep: set[fx.Node]) -> list[fx.Node]:
+def strip_casts(node: fx.Node, dep: set[fx.Node]) -> fx.Node:
+    while is_identity_like(node) and isinstance(node.args[0], fx.Node) and node.args[0] in dep:
+        node = node.args[0]
+    return node
+
+
+def sum_leaves(node: fx.Node, stream: set[fx.Node], dep: set[fx.Node]) -> list[fx.Node]:
     """The terms of a residual sum: `(h + attn) + mlp` (Cohere's shared-norm parallel block) has the
-    leaves h, attn and mlp. Partial sums are opened while they contain the stream node as a term."""
-    if node is not stream and node in dep and is_residual_add(node) and node.args[0] is not node.args[1]:
-        a, b = node.args[0], node.args[1]
-        if a is stream or b is stream or _contains(node, stream):
-            return sum_leaves(a, stream, dep) + sum_leaves(b, stream, dep)
+    leaves h, attn and mlp. Partial sums are opened while they contain the stream (`stream`: the
+    stream node and its casts) as a term."""
+    if node not in stream and node in dep and is_residual_add(node) and node.args[0] is not node.args[1]:
+        if _contains(node, stream, dep):
+            return sum_leaves(node.args[0], stream, dep) + sum_leaves(node.args[1], stream, dep)
     return [node]
 
 
-def _contains(node: fx.Node, stream: fx.Node) -> bool:
+def _contains(node: fx.Node, stream: set[fx.Node], dep: set[fx.Node]) -> bool:
     frontier, seen = [node], set()
     while frontier:
-        n = frontier.pop()
-        if n is stream:
+        n = strip_casts(frontier.pop(), dep)
+        if n in stream:
             return True
         if n in seen or not is_residual_add(n):
             continue
