@@ -163,7 +163,13 @@ class _Namer:
         # size (OPT's fc1 and fc2, BERT's intermediate and output), is named after the container
         share = scores[best] / sum(scores.values()) if best is not None else 0.0
         if best is not None and not (best.isdigit() and len(scores) > 1) and (share >= 0.75 or not common):
+            # with the list index all of the chosen child's nodes share (XLM: attentions → attentions.0)
+            under = [parts for parts in split if len(parts) > len(common) and parts[len(common)] == best]
             common = common + [best]
+            for parts in zip(*[p[len(common):] for p in under]):
+                if not all(x == parts[0] for x in parts) or not parts[0].isdigit():
+                    break
+                common.append(parts[0])
         return ".".join(common)
 
 

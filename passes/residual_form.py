@@ -5,6 +5,7 @@ Two exact rewrites, applied until the stream between residual additions holds no
 - Reshaped streams (OPT flattens the stream to (B·T, d) around its MLP): `add(reshape(h), b)`
   becomes `reshape(add(h, reshape(b, shape of h)))` — reshapes are linear, so this is exact — and
   the reshape round trip left between additions is the identity.
+- Sums without a plain skip term, h ← α⊙h + f(h) (Doge), become h + (α⊙h + f(h) − h) alike.
 - Post-norm layers h ← N(h + f(h)) (BERT, RoBERTa, BART/Marian/… decoders, openai-gpt, XLNet,
   OPT with post-norm): the step's output y = N(h + f(h)) becomes h + (y − h), i.e. the layer is
   the block γ(h) = N(h + f(h)) − h, so the stream stays a sum and every expansion stays exact.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ._graph import aten, is_identity_like, module_path, val
+from ._graph import aten, is_identity_like, is_residual_add, module_path, val
 from .stream import RESHAPE_OPS, is_round_trip, same_shape, stream_chain
 
 MAX_REWRITES = 10_000
@@ -29,6 +30,10 @@ def to_residual_form(gm: fx.GraphModule, source: fx.Node, logits: fx.Node) -> li
     done: list[str] = []
     for _ in range(MAX_REWRITES):
         sc = stream_chain(gm.graph, source, logits)
+        join = _scaled_residual(sc)
+        if join is not None:
+            done.append(_fold_post_norm(gm, *join, scaled=True))
+            continue
         step = None
         for i, (r, segment) in enumerate(sc.segments()):
             if is_round_trip(r, segment):
@@ -50,6 +55,20 @@ def to_residual_form(gm: fx.GraphModule, source: fx.Node, logits: fx.Node) -> li
         gm.graph.lint()
         gm.recompile()
     return done
+
+
+def _scaled_residual(sc):
+    """A sum on the stream with no plain skip term: h ← α⊙h + f(h) (Doge's learned residual scale) or
+    a norm of it (DeepNorm). Returns (h, y, y) for `_fold_post_norm`, or None."""
+    residual = {r for r, _, _ in sc.adds}
+    for i, n in enumerate(sc.chain[1:], start=1):
+        if n in residual or not is_residual_add(n) or i < 2:
+            continue
+        a, b = n.args[0], n.args[1]
+        h = sc.chain[i - 1]
+        if a in sc.dep and b in sc.dep and same_shape(h, n) and val(h) is not None and val(h).is_floating_point():
+            return h, n, n
+    return None
 
 
 def _like(node: fx.Node, *, value_of: fx.Node, module_of: fx.Node) -> fx.Node:
@@ -77,7 +96,7 @@ def _sink_reshape(gm: fx.GraphModule, add: fx.Node, view: fx.Node, stream: fx.No
     return f"{module_path(out) or out.name}: the stream is reshaped around the block; the sum is taken in its own shape"
 
 
-def _fold_post_norm(gm: fx.GraphModule, h: fx.Node, y: fx.Node, add: fx.Node) -> str:
+def _fold_post_norm(gm: fx.GraphModule, h: fx.Node, y: fx.Node, add: fx.Node, scaled: bool = False) -> str:
     """y = N(h + f(h)) → h + (y − h): the block γ(h) = N(h + f(h)) − h."""
     graph = gm.graph
     users = [u for u in y.users]
@@ -87,6 +106,8 @@ def _fold_post_norm(gm: fx.GraphModule, h: fx.Node, y: fx.Node, add: fx.Node) ->
         new = _like(graph.call_function(aten.add.Tensor, (h, delta)), value_of=y, module_of=add)
     for u in users:
         u.replace_input_with(y, new)
+    if scaled:
+        return f"{module_path(add) or add.name}: the sum has no plain skip term, the block is γ(h) = (its sum) − h"
     norm = next((n for n in reversed(_between(add, y)) if not is_identity_like(n)), y)
     return (f"{module_path(add) or add.name}: post-norm, the block is γ(h) = {module_path(norm) or norm.name}(h + f(h)) − h")
 

@@ -11,7 +11,7 @@ import networkx as nx
 from torch import fx
 
 from ._graph import aten, is_identity_like, is_residual_add, val
-from .dependence import value_dependent
+from .dependence import stream_dependent
 
 # shape-only views of the stream: a chain of them that ends in the shape it started from is the identity
 RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
@@ -37,7 +37,7 @@ class StreamChain:
 
 
 def stream_chain(graph: fx.Graph, source: fx.Node, logits: fx.Node) -> StreamChain:
-    dep = value_dependent(graph, source)
+    dep = stream_dependent(graph, source)
     G = nx.DiGraph()
     G.add_nodes_from(dep)
     for n in dep:
