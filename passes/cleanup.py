@@ -16,10 +16,13 @@ from ._graph import aten, is_identity_like
 
 def drop_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
     """Remove `_assert_tensor_metadata` nodes: they pin the device the graph was traced on."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
-            gm.graph.erase_node(node)
-    gm.recompile()
+    for _, sub in list(gm.named_modules()):  # higher-order ops' subgraphs carry them too
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        for node in list(sub.graph.nodes):
+            if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
+                sub.graph.erase_node(node)
+        sub.recompile()
     return gm
 
 

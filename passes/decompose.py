@@ -199,9 +199,20 @@ def decompose_grouped_mm(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """`view` → `reshape`: same values, but no demand on strides, which differ once fused kernels are
+    decomposed (a transpose of the decomposed attention's output cannot always be viewed)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+    gm.recompile()
+    return gm
+
+
 def decompose_for_jets(gm: fx.GraphModule) -> fx.GraphModule:
     """Every decomposition jets need, in place."""
     functionalize_inplace(gm)
+    views_as_reshapes(gm)
     decompose_grouped_mm(gm)
     decompose_attention(gm)
     decompose_layer_norm(gm)

@@ -34,6 +34,7 @@ from jetfx.structure import Block, Decoder, Encoder, ResidualStructure, Step
 from ._graph import aten, fetch_attr, first_output_value, is_identity_like, is_residual_add, module_path, val
 from .residual_form import to_residual_form
 from .stream import is_round_trip, stream_chain
+from .stream import same_shape as _same_shape
 
 ATTENTION_OPS = {
     aten.scaled_dot_product_attention.default,
@@ -351,8 +352,12 @@ def _decoder(gm, h_last: fx.Node, logits: fx.Node, nodes: set[fx.Node], dep, gra
     unembedding = None
     norm_output = None
     node = logits
-    # Walk back over a linear tail (views, slices, casts) to the unembedding matmul.
+    # Walk back over a tail of casts, full slices and same-shape views to the unembedding matmul: U
+    # can be split off only if its output is the logits (ProphetNet selects one of its n-gram streams
+    # after U: its decoder is not split).
     while node in nodes and node is not h_last:
+        if node is not logits and not _same_shape(node, logits):
+            break
         if node.op == "call_function" and node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
             weight = node.args[1]
             bias = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 else None
@@ -362,7 +367,7 @@ def _decoder(gm, h_last: fx.Node, logits: fx.Node, nodes: set[fx.Node], dep, gra
                     unembedding = weight.target
                     norm_output = node.args[0].name if isinstance(node.args[0], fx.Node) else None
             break
-        if is_identity_like(node) or node.target in _LINEAR_SHAPE_OPS:
+        if is_identity_like(node) or node.target in (aten.slice.Tensor, aten.view.default, aten.reshape.default):
             node = node.args[0]
             continue
         break

@@ -558,6 +558,15 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
     return B.shift(prod, B.scale(_cval(inp), beta, ctx.base + "_in") if isinstance(_cval(inp), fx.Node) else _cval(inp) * beta, ctx.base)
 
 
+def rule_view(ctx, node, args, kwargs):
+    """view(x, shape) as reshape: coefficients made by other rules (gathers, expands) need not have
+    the strides a view of the original value had."""
+    if any(_is_series(a) for a in args[1:]):
+        raise _Unsupported
+    shape = _cval(args[1])
+    return ctx.b.linear(args[0], lambda c, name: ctx.b.call(aten.reshape.default, (c, shape), name=name), ctx.base)
+
+
 def rule_neg(ctx, node, args, kwargs):
     return rule_linear_first(ctx, node, args, kwargs)
 
@@ -922,7 +931,7 @@ _LINEAR_FIRST = [
     "repeat", "narrow", "roll", "flip", "index_select", "gather", "index", "split", "split_with_sizes", "chunk",
     "unbind", "tril", "triu", "diagonal", "movedim", "swapaxes", "transpose_copy", "view_copy", "expand_copy",
     "permute_copy", "squeeze_copy", "unsqueeze_copy", "slice_copy", "select_copy", "lift_fresh_copy", "detach_",
-    "_to_copy", "to", "type_as", "as_strided", "cumsum", "trace",
+    "_to_copy", "to", "type_as", "as_strided", "cumsum", "trace", "view_as_real", "view_as_complex",
 ]
 
 RULES: dict = {}
@@ -936,6 +945,8 @@ def _register(names, rule):
 
 
 _register(_LINEAR_FIRST, rule_linear_first)
+RULES[aten.view.default] = rule_view
+RULES[aten._unsafe_view.default] = rule_view
 _register(["cat", "stack", "hstack", "vstack", "concat", "concatenate"], rule_linear_list)
 _register(["add"], rule_add)
 _register(["sub"], rule_sub)

@@ -25,7 +25,7 @@ HEAD_DIM = 16
 SIZES = {
     # depth
     "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "n_layers": LAYERS,
-    "decoder_layers": LAYERS, "encoder_layers": LAYERS,
+    "decoder_layers": LAYERS, "encoder_layers": LAYERS, "num_decoder_layers": LAYERS, "num_encoder_layers": LAYERS,
     # width
     "hidden_size": WIDTH, "n_embd": WIDTH, "d_model": WIDTH, "emb_dim": WIDTH, "embed_dim": WIDTH,
     "embedding_size": WIDTH, "backbone_hidden_size": WIDTH, "attention_hidden_size": WIDTH,
@@ -34,7 +34,8 @@ SIZES = {
     "dim_ff": 2 * WIDTH, "prefix_dense_intermediate_size": 2 * WIDTH,
     # attention
     "num_attention_heads": HEADS, "n_head": HEADS, "num_heads": HEADS, "n_heads": HEADS,
-    "decoder_attention_heads": HEADS, "encoder_attention_heads": HEADS,
+    "decoder_attention_heads": HEADS, "encoder_attention_heads": HEADS, "num_decoder_attention_heads": HEADS,
+    "num_encoder_attention_heads": HEADS,
     "num_key_value_heads": 2, "num_kv_heads": 2, "head_dim": HEAD_DIM, "kv_channels": HEAD_DIM,
     "dim_head": HEAD_DIM, "swa_num_attention_heads": HEADS, "swa_num_key_value_heads": 2,
     "swa_head_dim": HEAD_DIM, "index_n_heads": 2, "index_head_dim": HEAD_DIM, "index_topk": 4,
@@ -106,7 +107,7 @@ def _init_fields(config_class) -> list[str]:
 
 
 def _layer_count(cfg) -> int | None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"):
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers"):
         v = _attr(cfg, key)
         if isinstance(v, int):
             return v

@@ -232,6 +232,74 @@ def _blocks(rec) -> str:
     return f"{per_step}: " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + f" ({names})"
 
 
+FAMILIES = """\
+## How jetfx reads each family
+
+jetfx has no per-architecture code: every family below is found in the exported ATen graph by
+residual analysis (`passes/residual.py`), after exact rewrites into residual form
+(`passes/residual_form.py`). `print(gm.residual)` shows what was found and what was rewritten.
+
+- **Dense pre-norm decoders** (GPT-2, Llama, Qwen, Gemma, OLMo, Phi, Mistral, …): two blocks per
+  layer, `attn` then `mlp`, 2^L paths.
+- **Parallel blocks.** GPT-J/GPT-NeoX add `attn(n1(h)) + mlp(n2(h))`; Cohere and Cohere2 share one
+  norm, `h + attn(n(h)) + mlp(n(h))`, which the graph holds as `(h + attn) + mlp`; Falcon's
+  `parallel_attn` sums the branches in place (`mlp += attn`). The residual sum of a layer is opened
+  into its terms, so every layer gives one `attn` and one `mlp` block reading the same stream node
+  (`layers.3.self_attn`, `layers.3.mlp`; the shared norm is part of both) and the expansion has 3^L
+  paths.
+- **Mixture of experts** (kind `moe`: Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS, Llama-4, Granite,
+  JetMoE, …). Router, top-k gating, routed experts, shared experts and dense fall-backs — everything
+  between the stream node and the layer's MLP output — are one block. Routing is piecewise constant
+  in the block's input, so **the jet is taken with the routing of the center**: in Taylor mode every
+  integer or boolean value (expert indices, sort orders, expert offsets, masks, comparisons) is
+  evaluated at the center x_i and held fixed, top-k and sort carry the coefficients of their values
+  through the center's choice, and the gate weights enter the jet as the smooth functions they are.
+  J^k γ(x_i)(y) is then the Taylor polynomial of "γ with x_i's routing"; where the true input y routes
+  otherwise, the difference lands in the remainder δ = h_{l+1} − Σ ξ, which is exact whatever the
+  routing. The nested-AD reference differentiates through the same routing, and the table checks
+  both agree. Expert products (`transformers::grouped_mm_fallback`) become differentiable slices
+  and matrix products; jets of routed blocks loop over centers where vmap cannot batch the routing.
+- **Post-norm layers** h ← N(h + f(h)) (BERT/RoBERTa/ELECTRA-style decoders, the BART/Marian/Pegasus
+  family, openai-gpt, XLNet, XLM, BioGPT's relatives, …) **are rewritten, not refused**: each one is
+  the block γ(h) = N(h + f(h)) − h, so that h_{l+1} = h_l + γ(h_l) holds exactly and the stream stays
+  a sum. We chose the rewrite because it is exact (h + γ(h) is the layer's output up to one rounding,
+  1e-16 relative in float64), because every tool of jetfx — paths, lenses, n-grams, exports — then
+  works on these models with the paper's definitions unchanged, and because the block holds exactly
+  what the layer computes, norm included. What it does not do is make the skip path an identity of
+  the model's own computation: a path that skips a post-norm block carries h past a renormalization
+  the model always applies (γ contains −h), so the terms of such expansions are larger and cancel
+  more than in a pre-norm model (see the f32 column). The norm after the last layer belongs to the
+  decoder γ_{L+1}. `gm.residual.rewrites` lists every rewritten layer. The same rewrite covers
+  sums without a plain skip term (Doge's learned h ← α⊙h + f(h)).
+- **Reshaped streams** (OPT flattens the stream to (B·T, d) around its MLP): the residual sum is
+  taken in the stream's own shape (reshapes are linear, so this is exact).
+- **State-space and hybrid models** (kind `mixer`: Mamba, Mamba-2, Falcon-Mamba, Jamba, Bamba,
+  Granite-MoE-hybrid, Nemotron-H, Falcon-H1, Qwen3-Next's gated delta nets, …): token mixing without
+  softmax attention — selective scans, convolutions, linear attention — is a block kind of its own.
+  Their forward passes often loop over positions, and torch.export then fixes the sequence length.
+  `jetfx.trace` exports again with the length of the tokens it is given and warns that **the graph is
+  specialised to that length**; expansions and lenses accept exactly that length, and another one
+  gets an `InputError` saying so (instead of torch's guard assertion). Pass the tokens you will
+  analyse to `jetfx.trace`.
+- **Masks computed from token values** (padding masks `ids != pad` in XLM/Flaubert, RoBERTa's
+  position ids) are side inputs, like masks computed from the shape: constants for the jets.
+- **Multi-head latent attention** (DeepSeek-V2/V3, MiniCPM3, GLM-4-MoE-Lite, …) is attention like
+  any other; complex rotary embeddings (`view_as_complex`) are linear for the jets.
+
+## Float32 and k = 2
+
+The `f32 k=2` column is |Σ paths + remainder − logits| / max|logits| of the float32 model against its
+eager logits. Where it is large (ModernBERT-decoder, NanoChat, OLMo-hybrid, the post-norm family), the
+cause is rounding, not a wrong Taylor rule: second-order jet terms of norms taken at centers far from
+the variate are large — up to 10^5 × max|logits| for ModernBERT-decoder — and cancel in the sum, so
+float32's 6e-8 relative rounding of the terms becomes 1e-4 to 1e-2 of the logits. The same expansions
+in float64 are exact to 1e-10 or better against both the logits and the nested-AD reference jets
+(the k=2 column). Analyse such models with `jetfx.trace(model, tokens, dtype=torch.float64)` when
+second-order terms matter.
+
+"""
+
+
 def markdown(records: list[dict], summary: dict, version: str, torch_version: str) -> str:
     lines = [
         "# Architecture support",
@@ -247,6 +315,14 @@ def markdown(records: list[dict], summary: dict, version: str, torch_version: st
         f"**{summary['supported']} of the {summary['exportable']} classes that build and that torch.export can "
         f"export are supported ({100 * (summary['supported_share'] or 0):.0f} %)**; {summary['classes']} classes "
         f"in all, {summary['build']} build.",
+        "",
+        "Reproduce with `.venv/bin/python tools/architectures.py --jobs 2` (about an hour on two cores;",
+        "`--only CLASS …` for some classes). Columns: blocks found (count, kinds, first names); k=1 and k=2:",
+        "the larger of the two float64 errors; lens: the lens error; f32 k=2: see below; note: why a class",
+        "is not supported, or how its graph was specialised.",
+        "",
+        FAMILIES,
+        "## The table",
         "",
     ]
     lines += ["| class | status | blocks | k=1 | k=2 | lens | f32 k=2 | note |", "|---|---|---|---|---|---|---|---|"]
