@@ -88,6 +88,23 @@ def _is_linear_op(node: fx.Node, dep: set[fx.Node]) -> bool:
 
 
 
+def _no_stream(chain: list[fx.Node], G: nx.DiGraph) -> str:
+    """Why there is no residual stream, naming where the tokens-to-logits chain has its widest gap."""
+    text = ("no residual stream found: on the path from the tokens to the logits there is no `add` whose one "
+            "operand is the stream and whose other is computed from it")
+    gaps = [(len(nx.descendants(G, a) & nx.ancestors(G, b)), a, b) for a, b in zip(chain, chain[1:])]
+    if gaps:
+        size, a, b = max(gaps, key=lambda g: g[0])
+        if size > 0:
+            text += (f". Between '{a.name}' (in module {module_path(a) or '?'}) and '{b.name}' ({b.target}, in module "
+                     f"{module_path(b) or '?'}) the computation runs along {size} nodes that no single node separates, "
+                     "so no residual addition h + γ(h) lies on all paths: layers that also read the tokens or the "
+                     "embedding by another route (per-layer inputs, several copies of the stream, attention over all "
+                     "layers' outputs) leave no single residual stream to expand")
+    return text + (". jetfx expands residual networks h_{l+1} = h_l + γ(h_l) (a plain MLP or a model without skip "
+                   "connections cannot be jet-expanded)")
+
+
 def _summands(node: fx.Node, stream: fx.Node, dep: set[fx.Node], G: nx.DiGraph) -> list[fx.Node]:
     """Split a branch output that is a sum of stream-dependent terms (parallel residual)."""
     if is_residual_add(node) and len(node.users) == 1:
@@ -199,12 +216,7 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
             f"'{source.name}', so there is no residual computation to expand"
         )
     if not residual:
-        raise StructureError(
-            "no residual stream found: on the path from the tokens to the logits there is no "
-            "`add` whose one operand is the stream and whose other is computed from it. jetfx "
-            "expands residual networks h_{l+1} = h_l + γ(h_l); check that the model has skip "
-            "connections (a plain MLP or a model without them cannot be jet-expanded)"
-        )
+        raise StructureError(_no_stream(chain, G))
 
     # Between a residual add and the next stream node only casts and reshape round trips may stand
     # (to_residual_form has folded post-norms into their blocks).
