@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from torch import fx
 
+from jetfx.errors import StructureError
+
 from ._graph import aten, is_identity_like, is_residual_add, module_path, val
-from .stream import RESHAPE_OPS, is_round_trip, same_shape, stream_chain
+from .stream import RESHAPE_OPS, is_cast_of, is_round_trip, same_shape, stream_chain
 
 MAX_REWRITES = 10_000
 
@@ -28,8 +30,13 @@ MAX_REWRITES = 10_000
 def to_residual_form(gm: fx.GraphModule, source: fx.Node, logits: fx.Node) -> list[str]:
     """Rewrite `gm` in place until every segment between residual additions is the identity."""
     done: list[str] = []
+    limit = None
     for _ in range(MAX_REWRITES):
         sc = stream_chain(gm.graph, source, logits)
+        limit = len(sc.chain) if limit is None else limit  # each rewrite removes a segment of the chain
+        if len(done) > limit:
+            raise StructureError(f"rewriting the graph into residual form did not converge ({done[-1]}); "
+                                 "this is a bug in jetfx, please report it with the model")
         join = _scaled_residual(sc)
         if join is not None:
             done.append(_fold_post_norm(gm, *join, scaled=True))
@@ -66,6 +73,8 @@ def _scaled_residual(sc):
             continue
         a, b = n.args[0], n.args[1]
         h = sc.chain[i - 1]
+        if is_cast_of(a, {h}, sc.dep) or is_cast_of(b, {h}, sc.dep):
+            continue  # a plain skip term the residual analysis did not accept: folding would not help
         if a in sc.dep and b in sc.dep and same_shape(h, n) and val(h) is not None and val(h).is_floating_point():
             return h, n, n
     return None

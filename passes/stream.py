@@ -56,7 +56,7 @@ def stream_chain(graph: fx.Graph, source: fx.Node, logits: fx.Node) -> StreamCha
             same.add(chain[j - 1])
             j -= 1
         leaves = sum_leaves(n, same, dep)
-        skips = [x for x in leaves if strip_casts(x, dep) in same]
+        skips = [x for x in leaves if is_cast_of(x, same, dep)]
         if len(skips) == 1 and len(leaves) > 1 and all(x in dep for x in leaves):
             adds.append((n, prev, [x for x in leaves if x is not skips[0]]))
     return StreamChain(dep, G, chain, adds)
@@ -74,6 +74,16 @@ def dominator_chain(G: nx.DiGraph, source: fx.Node, sink: fx.Node) -> list[fx.No
         node = parent
     chain.reverse()
     return chain
+
+
+def is_cast_of(node: fx.Node, targets: set[fx.Node], dep: set[fx.Node]) -> bool:
+    """`node` is one of `targets`, or casts of one (identity-like ops: to, type_as, clone…)."""
+    while True:
+        if node in targets:
+            return True
+        if not (is_identity_like(node) and isinstance(node.args[0], fx.Node) and node.args[0] in dep):
+            return False
+        node = node.args[0]
 
 
 def strip_casts(node: fx.Node, dep: set[fx.Node]) -> fx.Node:
@@ -95,9 +105,10 @@ def sum_leaves(node: fx.Node, stream: set[fx.Node], dep: set[fx.Node]) -> list[f
 def _contains(node: fx.Node, stream: set[fx.Node], dep: set[fx.Node]) -> bool:
     frontier, seen = [node], set()
     while frontier:
-        n = strip_casts(frontier.pop(), dep)
-        if n in stream:
+        n = frontier.pop()
+        if is_cast_of(n, stream, dep):
             return True
+        n = strip_casts(n, dep)
         if n in seen or not is_residual_add(n):
             continue
         seen.add(n)
