@@ -15,12 +15,36 @@ it is tested against, and as the fallback for ops without a Taylor rule.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 
-from .errors import check_order
+from .errors import ExpansionError, JetfxError, check_order
+
+
+def clear_errors(what: str):
+    """Decorator for a jet module's forward: an error from torch inside it becomes an ExpansionError
+    that names the block (`region.block_name`) instead of a stack trace from generated code."""
+
+    def wrap(forward):
+        @functools.wraps(forward)
+        def run(self, *args, **kwargs):
+            try:
+                return forward(self, *args, **kwargs)
+            except JetfxError:
+                raise
+            except (RuntimeError, AttributeError, AssertionError, StopIteration, TypeError, IndexError,
+                    ValueError, NotImplementedError) as e:
+                name = getattr(self, "block_name", None) or getattr(getattr(self, "region", None), "block_name", None)
+                text = " ".join(str(e).split())[:300]
+                raise ExpansionError(f"{what} of {name or 'a block'} failed: {type(e).__name__}: {text}. "
+                                     "jets='nested' computes them by nested forward AD instead") from e
+
+        return run
+
+    return wrap
 
 
 def _derivatives(g: Callable[[torch.Tensor], torch.Tensor], t0: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -89,6 +113,7 @@ class NestedJet(torch.nn.Module):
         self.k = check_order(k)
         self.coefficients = coefficients
 
+    @clear_errors("nested-AD jets")
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
         def f(x):
             return self.region(x, *side)
@@ -135,6 +160,7 @@ class Evaluate(torch.nn.Module):
         self.region = region
         self._jetfx_loop = _routes(region)
 
+    @clear_errors("evaluation at the centers")
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
         return over_centers(lambda x: self.region(x, *side), centers, owner=self)
 

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from . import passes
-from .errors import InputError, TraceError
+from .errors import InputError, JetfxError, StructureError, TraceError
 from .structure import ResidualStructure
 
 _INT_DTYPES = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
@@ -268,6 +268,8 @@ def trace(model: torch.nn.Module, tokens=None, *, tokenizer=None, dtype: torch.d
             err.export_error = last_error
             raise err
         gm = ep.module()
+        if passes.has_mutations(gm):  # writes into slices of buffers (chunked scans): make data flow explicit
+            gm = ep.run_decompositions({}).module()
         range_max = _range_max(ep)
         if range_max is not None:
             max_length = min(max_length, range_max) if max_length else range_max
@@ -292,7 +294,13 @@ def trace(model: torch.nn.Module, tokens=None, *, tokenizer=None, dtype: torch.d
     passes.make_device_agnostic(gm)
     if dtype is not None:
         passes.cast_floating(gm, dtype)
-    structure = passes.find_residual_structure(gm, strip_prefix="model.")
+    try:
+        structure = passes.find_residual_structure(gm, strip_prefix="model.")
+    except JetfxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a graph residual analysis cannot read: said, not a stack trace
+        raise StructureError(f"residual analysis of {type(model).__name__} failed: {type(e).__name__}: {e}; "
+                             "this is a bug in jetfx, please report it with the model") from e
     _insert_token_check(gm, embedding_rows or vocab_size, max_length, specialized)
     out_dtype = eager.dtype if dtype is None else dtype
     gm.residual = structure

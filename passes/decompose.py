@@ -199,6 +199,26 @@ def decompose_grouped_mm(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def decompose_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """`copy(dst, src)` (what functionalization makes of `dst.copy_(src)`) → `zeros_like(dst) + src`:
+    the same values in dst's shape, through ops that forward AD can differentiate."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.copy.default:
+            continue
+        dst, src = node.args[0], node.args[1]
+        with gm.graph.inserting_before(node):
+            zeros = gm.graph.call_function(aten.zeros_like.default, (dst,))
+            new = gm.graph.call_function(aten.add.Tensor, (zeros, src))
+            dv, sv = val(dst), val(src)
+            if dv is not None and sv is not None and dv.dtype != sv.dtype:
+                new = gm.graph.call_function(aten._to_copy.default, (new,), {"dtype": dv.dtype})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
     """`view` → `reshape`: same values, but no demand on strides, which differ once fused kernels are
     decomposed (a transpose of the decomposed attention's output cannot always be viewed)."""
@@ -213,6 +233,7 @@ def decompose_for_jets(gm: fx.GraphModule) -> fx.GraphModule:
     """Every decomposition jets need, in place."""
     functionalize_inplace(gm)
     views_as_reshapes(gm)
+    decompose_copy(gm)
     decompose_grouped_mm(gm)
     decompose_attention(gm)
     decompose_layer_norm(gm)

@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 from torch import fx
 
-from ..jets import over_centers
+from ..jets import clear_errors, over_centers
 from .decompose import data_dependent
 from .taylor import taylor_graph_module
 
@@ -111,6 +111,7 @@ class MixedJet(torch.nn.Module):
             self.register_buffer("weights", torch.tensor([w for _, w in row], dtype=torch.float64), persistent=False)
             self.graph_module = directional_graph(region, self.degree)
 
+    @clear_errors("mixed Taylor coefficients")
     def forward(self, centers: torch.Tensor, directions: torch.Tensor, *side):
         if self.degree == 0:
             return over_centers(lambda x: self.region(x, *side), centers, owner=self)

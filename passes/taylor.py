@@ -567,6 +567,54 @@ def rule_view(ctx, node, args, kwargs):
     return ctx.b.linear(args[0], lambda c, name: ctx.b.call(aten.reshape.default, (c, shape), name=name), ctx.base)
 
 
+def rule_convolution(ctx, node, args, kwargs):
+    """conv1d(x, w, b, …) / convolution(x, w, b, …): linear in x for a constant kernel; the bias
+    enters the zeroth coefficient only (state-space mixers convolve over positions)."""
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if _is_series(w) or _is_series(bias) or kwargs:
+        raise _Unsupported
+    rest = tuple(_cval(a) for a in args[3:])
+    wc, bc = _cval(w), _cval(bias)
+    B = ctx.b
+    return B.linear(x, lambda c, name: B.call(node.target, (c, wc, None, *rest), name=name), ctx.base,
+                    c0=lambda c, name: B.call(node.target, (c, wc, bc, *rest), name=name))
+
+
+def _joint_linear(*positions):
+    """Ops linear in several arguments together, all others constant: slice_scatter(base, src),
+    select_scatter, copy(dst, src), index_put(base, indices, values). A coefficient takes every
+    such argument's coefficient, zeros where one has none."""
+
+    def rule(ctx, node, args, kwargs):
+        if any(_is_series(a) for i, a in enumerate(args) if i not in positions) or \
+                any(_is_series(v) for v in kwargs.values()):
+            raise _Unsupported
+        B = ctx.b
+        kw = {key: _cval(v) for key, v in kwargs.items()}
+        out = []
+        for j in range(ctx.k + 1):
+            name = B.cname(ctx.base, j)
+            if j > 0 and all(not _is_series(args[i]) or args[i][j] is None for i in positions):
+                out.append(None)
+                continue
+            call_args = []
+            for i, a in enumerate(args):
+                if i not in positions:
+                    call_args.append(_cval(a))
+                elif j == 0:
+                    call_args.append(a[0] if _is_series(a) else _cval(a))
+                elif _is_series(a) and a[j] is not None:
+                    call_args.append(a[j])
+                else:
+                    zero_of = a[0] if _is_series(a) else _cval(a)
+                    call_args.append(B.call(aten.zeros_like.default, (zero_of,), name=name + "_zero"))
+            out.append(B.call(node.target, tuple(call_args), kw, name=name))
+        return Series(out)
+
+    return rule
+
+
 def rule_neg(ctx, node, args, kwargs):
     return rule_linear_first(ctx, node, args, kwargs)
 
@@ -945,6 +993,10 @@ def _register(names, rule):
 
 
 _register(_LINEAR_FIRST, rule_linear_first)
+_register(["slice_scatter", "select_scatter", "copy", "diagonal_scatter"], _joint_linear(0, 1))
+RULES[aten.index_put.default] = _joint_linear(0, 2)
+RULES[aten.conv1d.default] = rule_convolution
+RULES[aten.convolution.default] = rule_convolution
 RULES[aten.view.default] = rule_view
 RULES[aten._unsafe_view.default] = rule_view
 _register(["cat", "stack", "hstack", "vstack", "concat", "concatenate"], rule_linear_list)
@@ -1236,6 +1288,9 @@ def _where(node: fx.Node) -> str:
     return f", in module {path}" if path else ""
 
 
+from ..jets import clear_errors  # noqa: E402 - jets imports this module lazily
+
+
 class TaylorJet(torch.nn.Module):
     """Jets of a region `f(x, *side)` at a batch of centers, by Taylor mode.
 
@@ -1253,6 +1308,7 @@ class TaylorJet(torch.nn.Module):
         self.graph_module = gm
         self.fallback_ops = fallback
         self._jetfx_loop = data_dependent(gm)  # routed experts: one center at a time
+        self.block_name = getattr(region, "block_name", None)
         if fallback:
             warnings.warn(
                 f"Taylor-mode jets: no rule for {', '.join(fallback)}; these ops are computed by "
@@ -1260,6 +1316,7 @@ class TaylorJet(torch.nn.Module):
                 stacklevel=2,
             )
 
+    @clear_errors("Taylor-mode jets")
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side, coefficients: bool | None = None):
         coefficients = self.coefficients if coefficients is None else coefficients
         gm = self.graph_module
