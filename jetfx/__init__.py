@@ -10,12 +10,13 @@ See README.md for a tour.
 from . import functions, jets, paths, split  # noqa: F401  (jetfx.functions, jetfx.jets as attributes)
 from .errors import ExpansionError, InputError, JetfxError, MissingDependencyError, StructureError, TraceError
 from .expanded import ExpandedModule, ExpansionOutput
+from .decomposition import ResidDecomposition, decompose_resid
 from .export import export, load_expanded  # noqa: E402  (rebinds jetfx.export to the function)
 from .expansion import JetExpansion, branch, constant, encoder, expand, exponential, jet_expand, stream
 from .jets import jet, jet_coefficients
 from .paths import Path, PathGraph
 from .structure import ResidualStructure
-from .tracing import info_of, residual_of, trace
+from .tracing import as_traced, info_of, residual_of, trace
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,6 @@ def path_graph(gm) -> PathGraph:
 __all__ = [
     "ExpandedModule", "ExpansionError", "ExpansionOutput", "InputError", "JetExpansion", "JetfxError",
     "MissingDependencyError", "Path", "PathGraph", "ResidualStructure", "StructureError", "TraceError",
-    "branch", "constant", "encoder", "expand", "exponential", "info_of", "jet", "jet_coefficients",
+    "ResidDecomposition", "as_traced", "branch", "constant", "decompose_resid", "encoder", "expand", "exponential", "info_of", "jet", "jet_coefficients",
     "export", "jet_expand", "load", "load_expanded", "path_graph", "paths", "residual_of", "split", "stream", "trace",
 ]

@@ -15,20 +15,18 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+import warnings
 
-DEFAULT_MODEL = "smollm2-135m"
+from .cli_args import add_model_args, non_negative_int, positive_int
+
 DEFAULT_TEXT = "The capital of France is"
 
 
-def _model_args(p):
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, folder or hub name (default {DEFAULT_MODEL})")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
-
-
 def _filter_args(p):
-    p.add_argument("--max-blocks", type=int, default=None, help="paths through at most N blocks")
+    p.add_argument("--max-blocks", type=non_negative_int, default=None, help="paths through at most N blocks")
     p.add_argument("--kinds", nargs="*", default=None, help="only blocks of these kinds (attn, mlp, moe, mixer, other)")
     p.add_argument("--through", nargs="*", default=None, help="paths through blocks matching each pattern (h.3.*)")
     p.add_argument("--avoid", nargs="*", default=None, help="paths avoiding blocks matching the patterns")
@@ -54,8 +52,9 @@ def _filter(args):
 
 def _load_and_trace(args, text: str | None = None):
     import jetfx
+    from .cli_args import load_model
 
-    model, tokenizer = jetfx.load(args.model, device=args.device)
+    model, tokenizer = load_model(args)
     return model, tokenizer, jetfx.trace(model, text or DEFAULT_TEXT, tokenizer=tokenizer)
 
 
@@ -71,21 +70,32 @@ def cmd_trace(args) -> int:
 
 def cmd_paths(args) -> int:
     import jetfx
+    from .cli_args import check_device
+    from .files import check_output_file, write_atomic
 
+    check_device(args)
+    if args.svg:
+        check_output_file(args.svg, "--svg")
+    f = _filter(args)  # bad filter flags fail before the model loads
     _, _, gm = _load_and_trace(args)
     graph = jetfx.path_graph(gm)
-    f = _filter(args)
     n = graph.count(f)
     print(f"{graph.count():,} paths in all; the filter {f!r} selects {n:,}")
-    for i, p in enumerate(graph.iter_paths(f)):
-        if i >= args.limit:
-            print(f"… ({n - args.limit:,} more; --limit to show more)")
-            break
-        print(" ", p.name)
+    if n == 0:  # nothing to list: never walk the (up to 2^L) prefixes looking for one
+        print("no path passes every filter; relax --max-blocks / --kinds / --through / --avoid / --path")
+    else:
+        shown = 0
+        for p in graph.iter_paths(f):
+            if shown == args.limit:
+                break
+            print(" ", p.name)
+            shown += 1
+        if n > shown:
+            print(f"… ({n - shown:,} more; --limit to show more)")
     if args.svg:
-        selected = list(graph.iter_paths(f)) if n <= 2000 else None
-        graph.render(selected=selected, path=args.svg)
-        print(f"wrote {args.svg}")
+        selected = list(graph.iter_paths(f)) if 0 < n <= 2000 else None
+        write_atomic(args.svg, graph.render(selected=selected))
+        print(f"wrote {args.svg}" + ("" if selected or n == 0 else f" ({n:,} paths: too many to highlight)"))
     return 0
 
 
@@ -94,7 +104,14 @@ def cmd_expand(args) -> int:
 
     import jetfx
 
-    f = _split_filter(args) if args.split else None  # bad filter flags fail before the model loads
+    from .cli_args import check_device
+
+    check_device(args)
+    if args.export:
+        from .export import _check_target  # the export's own checks (folder, foreign file), before computing
+
+        _check_target(args.export, args.overwrite)
+    f = _split_filter(args) if args.split else _filter(args)  # bad filter flags fail before the model loads
     _, tokenizer, gm = _load_and_trace(args, args.text)
     t = time.time()
     if args.split:
@@ -106,7 +123,7 @@ def cmd_expand(args) -> int:
         ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, split=True,
                           weights=args.weights)
     else:
-        ex = jetfx.expand(gm, k=args.k, paths=_filter(args), max_paths=args.max_paths, jets=args.jets)
+        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets)
     compile_s = time.time() - t
     ids = jetfx.tracing.as_tokens(args.text, tokenizer).to(args.device)
     t = time.time()
@@ -127,8 +144,16 @@ def cmd_expand(args) -> int:
     if args.export:
         from .export import export
 
-        export(ex, args.export)
+        export(ex, args.export, overwrite=args.overwrite)
         print(f"wrote {args.export}")
+    from .expanded import exactness_tolerance
+
+    rel = out.relative_error()
+    if not rel <= exactness_tolerance(out.logits.dtype):
+        print(f"jetfx: error: the expansion is not exact: Σ paths + remainder misses the logits by {rel:.3g} of their "
+              f"scale (float rounding of path terms up to {float(out.stacked.abs().amax()):.3g}); use a lower --k",
+              file=sys.stderr)
+        return 3
     return 0
 
 
@@ -158,25 +183,45 @@ def _split_filter(args):
 
 
 def cmd_interactions(args) -> int:
-    from .interactions import interactions
+    from pathlib import Path
 
+    from .cli_args import check_device
+    from .files import check_output_folder
+    from .interactions import CHECKPOINT, interactions
+
+    check_device(args)
+    out = check_output_folder(args.out, "--out")
     _, _, gm = _load_and_trace(args, args.text)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(out) / CHECKPOINT
     t = time.time()
-    m = interactions(gm, args.text, position=args.position, blocks=args.blocks or None)
-    print(f"{len(m.records):,} cross terms w·Dγ_l(x_i)[x_j] over {len(m.blocks)} blocks in {time.time() - t:.1f} s "
-          f"(position {m.position}, {m.tokens[m.position]!r}; top token {m.top_token!r})"
-          + ("" if m.complete else " — interrupted, partial"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="interrupted")  # said below, with what to do
+        m = interactions(gm, args.text, position=args.position, blocks=args.blocks or None, checkpoint=checkpoint,
+                         progress=not args.no_progress)
+    if not m.complete:
+        print(f"jetfx: interrupted; {len(m.blocks)} of {m.num_blocks} blocks saved in {checkpoint}, "
+              "re-run the same command to resume", file=sys.stderr)
+        return 130
+    resumed = f", {m.resumed} of them from {checkpoint}" if m.resumed else ""
+    print(f"{len(m.records):,} cross terms w·Dγ_l(x_i)[x_j] over {len(m.blocks)} blocks in {time.time() - t:.1f} s"
+          f"{resumed} (position {m.position}, {m.tokens[m.position]!r}; top token {m.top_token!r})")
     print("largest by size ‖U·Dῡ·t‖ (effect on the top token's logit):")
     for r in m.top(args.show):
         print(f"  {r.block:<22} at {r.center:<22} along {r.direction:<22} {r.size:12.4g} ({r.effect:+.4g})")
-    for name, path in m.save(args.out).items():
+    for name, path in m.save(out).items():
         print(f"wrote {path}")
+    checkpoint.unlink(missing_ok=True)  # the outputs are whole: nothing left to resume
     return 0
 
 
 def cmd_demo(args) -> int:
+    from .cli_args import check_device
     from .demo import run_demo
+    from .files import check_output_folder
 
+    check_device(args)
+    check_output_folder(args.out, "--out")
     return run_demo(args.out, model=args.model, device=args.device, quick=args.quick)
 
 
@@ -185,34 +230,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the main job on the built-in model: structure, expansion, pictures, lens, bigrams")
-    _model_args(p)
+    add_model_args(p, dtype=False)
     p.add_argument("--out", default="out", help="output folder (default out/)")
     p.add_argument("--quick", action="store_true", help="skip the slower steps (full-vocabulary bigrams)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("trace", help="trace a model and print its residual structure")
-    _model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("paths", help="count, list and draw the paths of the exponential expansion")
-    _model_args(p)
+    add_model_args(p)
     _filter_args(p)
-    p.add_argument("--limit", type=int, default=40, help="list at most this many paths")
+    p.add_argument("--limit", type=non_negative_int, default=40, help="list at most this many paths")
     p.add_argument("--svg", default=None, help="write the path graph (selection highlighted) to this SVG file")
     p.set_defaults(func=cmd_paths)
 
     p = sub.add_parser("expand", help="compile a jet expansion, run it on a text, check exactness")
-    _model_args(p)
+    add_model_args(p)
     _filter_args(p)
     p.add_argument("--text", default=DEFAULT_TEXT)
     p.add_argument("--k", type=int, default=1, help="jet order (default 1)")
-    p.add_argument("--max-paths", type=int, default=512)
+    p.add_argument("--max-paths", type=positive_int, default=512)
     p.add_argument("--jets", choices=("auto", "taylor", "nested"), default="auto")
-    p.add_argument("--show", type=int, default=12, help="print the N largest paths")
-    p.add_argument("--export", default=None, help="save the expanded module to this file (.jetfx.zip)")
+    p.add_argument("--show", type=non_negative_int, default=12, help="print the N largest paths")
+    p.add_argument("--export", default=None, help="save the expanded module to this file (.jetfx.zip; its folder must exist)")
+    p.add_argument("--overwrite", action="store_true", help="with --export: replace a file that is not a jetfx export")
     p.add_argument("--split", action="store_true", help="split jet terms by degree and partners (super-exponential)")
-    p.add_argument("--max-degree", type=int, default=None, help="with --split: every split has degree ≤ N")
-    p.add_argument("--max-interactions", type=int, default=None, help="with --split: at most N interaction edges")
+    p.add_argument("--max-degree", type=non_negative_int, default=None, help="with --split: every split has degree ≤ N")
+    p.add_argument("--max-interactions", type=non_negative_int, default=None, help="with --split: at most N interaction edges")
     p.add_argument("--interacts-with", nargs="*", default=None, help="with --split: interacts with matching blocks")
     p.add_argument("--within", nargs="*", default=None, help="with --split: every block (carried or interacting) matches")
     # jetfx.split.WEIGHTS, spelled out: the parser is built without importing torch
@@ -221,24 +267,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_expand)
 
     p = sub.add_parser("interactions", help="degree-1 cross terms w·Dγ_l(x_i)[x_j] of one text: data and heatmaps")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--text", default=DEFAULT_TEXT)
     p.add_argument("--position", type=int, default=-1, help="token position to measure at (default: last)")
     p.add_argument("--blocks", nargs="*", default=None, help="receiving blocks (names or patterns; default all)")
-    p.add_argument("--show", type=int, default=12, help="print the N largest cross terms")
-    p.add_argument("--out", default="out/interactions", help="folder for JSON, CSV and SVG heatmaps")
+    p.add_argument("--show", type=non_negative_int, default=12, help="print the N largest cross terms")
+    p.add_argument("--out", default="out/interactions",
+                   help="folder for JSON, CSV and SVG heatmaps (created if missing); an interrupted run resumes from it")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_interactions)
 
-    for name in ("cli_lens", "cli_ngrams"):
-        try:
-            mod = __import__(f"jetfx.{name}", fromlist=["x"])
-        except ImportError:  # pragma: no cover
-            continue
-        (mod.add_parser if hasattr(mod, "add_parser") else mod.add_parsers)(sub)
+    from . import cli_lens, cli_ngrams  # (neither imports torch)
+
+    cli_lens.add_parser(sub)
+    cli_ngrams.add_parsers(sub)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"jetfx: warning: {message}", file=file or sys.stderr)
+
+
+def _terminate(signum, frame):  # SIGTERM ends a run like Ctrl-C: finished work is kept
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    """Exit status: 0 done, 2 bad input (one line saying what to do), 1 an operating-system error
+    (disk full, …), 130 interrupted (finished work is kept; re-running the command resumes)."""
     from .errors import JetfxError
 
     parser = build_parser()
@@ -246,14 +302,27 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    shown, term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
+    warnings.showwarning = _show_warning
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        term = None
     try:
         return int(args.func(args) or 0)
     except JetfxError as e:
         print(f"jetfx: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("jetfx: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"jetfx: {e}" if str(e) else "jetfx: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        print(f"jetfx: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = shown
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
 
 
 if __name__ == "__main__":

@@ -10,26 +10,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cli_args import add_model_args, non_negative_int, positive_int
+
 
 def add_parser(subparsers):
     p = subparsers.add_parser("lens", help="iterative or joint jet lens of a text (HTML, SVG, JSON)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--text", help="the text to read through the lens")
-    p.add_argument("--k", type=int, default=1, help="jet order (0 = logit lens; default 1)")
+    p.add_argument("--k", type=non_negative_int, default=1, help="jet order (0 = logit lens; default 1)")
     p.add_argument("--joint", action="store_true", help="joint jet lens (all layers at once) instead of iterative")
     p.add_argument("--weights", choices=("uniform", "optimized"), default="optimized",
                    help="joint lens weights (default optimized)")
     p.add_argument("--granularity", choices=("layer", "branch"), default="layer",
                    help="rows: transformer layers, or every attention/MLP block")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="iterative lens rows to keep (default all)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps for --weights optimized")
+    p.add_argument("--steps", type=non_negative_int, default=200, help="optimizer steps for --weights optimized")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=5, help="top tokens per cell in the JSON")
+    p.add_argument("--top", type=positive_int, default=5, help="top tokens per cell in the JSON")
     p.add_argument("--corpus", action="store_true",
                    help="average the iterative lens's faithfulness over the shipped sentences for k = 0, 1, 2")
-    p.add_argument("--model", default="smollm2-135m", help="model name or folder (default smollm2-135m)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output folder")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.set_defaults(func=run)
     return p
 
@@ -37,14 +38,17 @@ def add_parser(subparsers):
 def run(args) -> int:
     import jetfx
     from jetfx import lens as L
+    from jetfx.cli_args import check_device, load_model
     from jetfx.errors import InputError
+    from jetfx.files import check_output_folder
 
     if not args.corpus and (args.text is None or not args.text.strip()):
         raise InputError("--text is empty: give the text to read through the lens (or --corpus)")
-    model, tokenizer = jetfx.load(args.model, device=args.device)
+    check_device(args)
+    out = Path(check_output_folder(args.out, "--out"))  # before the model loads and the lens is computed
+    model, tokenizer = load_model(args)
     first = args.text if args.text and args.text.strip() else L.sample_sentences()[0]
     gm = jetfx.trace(model, first, tokenizer=tokenizer)
-    out = Path(args.out)
     written = {}
     if args.corpus:
         sentences = [args.text] if args.text and args.text.strip() else None
@@ -62,18 +66,16 @@ def run(args) -> int:
         print(f"{result.kind} lens, k={result.k}: mean cosine {result.mean_cosine:.4f}, "
               f"top-1 agreement {result.mean_agreement:.3f}")
         if result.kind == "joint" and result.optimized_loss is not None:
-            print(f"weight loss: uniform {result.uniform_loss:.4g}, optimized {result.optimized_loss:.4g}")
+            print(f"weight loss (relative squared error of the logits; 1 = predicting 0): uniform "
+                  f"{result.uniform_loss:.4g}, optimized {result.optimized_loss:.4g}")
     print(json.dumps(written, indent=1))
     return 0
 
 
-def main(argv=None) -> int:  # standalone use: python -m jetfx.cli_lens ...
-    import argparse
+def main(argv=None) -> int:  # standalone use: python -m jetfx.cli_lens lens ... (same as `jetfx lens ...`)
+    from .cli import main as jetfx_main
 
-    parser = argparse.ArgumentParser(prog="jetfx")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return jetfx_main(argv)
 
 
 if __name__ == "__main__":

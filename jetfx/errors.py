@@ -26,6 +26,14 @@ class InputError(JetfxError):
     """Tokens or text given to a traced or expanded module are unusable."""
 
 
+class ExportError(JetfxError):
+    """An expanded module could not be exported, or a file is not a valid jetfx export."""
+
+
+class ExactnessWarning(UserWarning):
+    """Σ paths + remainder no longer equals the model's logits to the precision of its dtype."""
+
+
 class MissingDependencyError(JetfxError, ImportError):
     """An optional program or package is needed for this feature."""
 
@@ -52,3 +60,4 @@ def check_order(k) -> int:
             "k=0 is plain evaluation, k=1 linearization"
         )
     return k
+

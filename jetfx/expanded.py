@@ -1,13 +1,25 @@
-"""The compiled expansion: an ordinary GraphModule whose output is every path's logits + remainder."""
+"""The compiled expansion: an ordinary GraphModule whose output is every path's logits + remainder.
+
+Every path's logits and the remainder pass through an identity module of their own (`ex.hooks`,
+a `PathHooks` keyed by path name), so that forward hooks, nnsight and pyvene-style interventions
+can read or overwrite one path. The remainder is computed from the paths *before* their hooks:
+overwriting a path changes Σ paths + remainder by exactly what was changed, and the model's own
+logits (the third output) not at all.
+"""
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from .errors import InputError
+from .errors import ExactnessWarning, InputError
+
+REMAINDER = "remainder"
 
 
 @dataclass
@@ -37,27 +49,249 @@ class ExpansionOutput:
         """max |Σ paths + remainder − logits|: the exactness of the rewriting."""
         return float((self.total() - self.logits).abs().max())
 
+    def relative_error(self) -> float:
+        """max |Σ paths + remainder − logits| / max(1, max |logits|) (nan if any term is not finite)."""
+        with torch.no_grad():
+            err = (self.total() - self.logits).abs().max()
+            return float(err / self.logits.abs().max().clamp(min=1))
 
-class ExpandedModule(fx.GraphModule):
+    def check(self) -> float:
+        """Warn (ExactnessWarning) when the identity fails beyond the dtype's rounding; returns the relative error.
+
+        The remainder is computed as logits − Σ paths, so the identity only fails by rounding: when the
+        path terms are far larger than the logits (high-order jets outside their radius of convergence)
+        or not finite. Tolerance: √eps of the dtype (3.5e-4 in float32, 1.5e-8 in float64).
+        """
+        if self.logits.device.type == "meta":  # no values (device bookkeeping runs on meta)
+            return float("nan")
+        rel = self.relative_error()  # one device → host transfer per call (`ex.check_exactness = False`: none)
+        tol = exactness_tolerance(self.logits.dtype)
+        if not rel <= tol:  # also catches nan
+            with torch.no_grad():
+                biggest = float(self.stacked.abs().amax()) if self.stacked.numel() else 0.0
+            warnings.warn(
+                f"the expansion is not exact in {str(self.logits.dtype).replace('torch.', '')}: "
+                f"max |Σ paths + remainder − logits| is {rel:.3g} of the logits' scale (tolerance {tol:.1e}); "
+                f"the path terms reach {biggest:.3g}, so their sum loses the logits to rounding. Use a lower order k, "
+                "or trace in float64: jetfx.trace(model, tokens, dtype=torch.float64)", ExactnessWarning, stacklevel=3)
+        return rel
+
+
+def exactness_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative error of Σ paths + remainder that rounding in `dtype` explains: √eps."""
+    return float(torch.finfo(dtype).eps) ** 0.5 if dtype.is_floating_point else 0.0
+
+
+def hook_keys(names: Iterable[str]) -> dict[str, str]:
+    """{path name: attribute name}: path names hold '.', '>' and brackets, which module names cannot."""
+    keys: dict[str, str] = {}
+    used = {REMAINDER}
+    for name in names:
+        key = re.sub(r"[^0-9A-Za-z_]", "_", name).strip("_") or "path"
+        if key[0].isdigit():
+            key = "p_" + key
+        base, i = key, 1
+        while key in used:
+            i += 1
+            key = f"{base}_{i}"
+        used.add(key)
+        keys[name] = key
+    return keys
+
+
+class PathHook(torch.nn.Identity):
+    """The hook point of one path's logits (or of the remainder): an identity module."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def extra_repr(self) -> str:
+        return repr(self.path)
+
+
+class PathHooks(torch.nn.ModuleDict):
+    """One `PathHook` per path and one for the remainder, found by path name or attribute name:
+    `hooks["layers.3.mlp"]` is `hooks.layers_3_mlp`; `hooks["remainder"]` is the remainder's."""
+
+    def __init__(self, names: Iterable[str]):
+        names = tuple(names)
+        keys = hook_keys(names)
+        super().__init__({**{keys[n]: PathHook(n) for n in names}, REMAINDER: PathHook(REMAINDER)})
+        self.by_path = {**keys, REMAINDER: REMAINDER}
+
+    def key(self, path: str) -> str:
+        """The attribute name of a path's hook point (what nnsight's `model.hooks.<key>` uses)."""
+        if path in self.by_path:
+            return self.by_path[path]
+        if path in self._modules:
+            return path
+        shown = ", ".join(list(self.by_path)[:6])
+        raise KeyError(f"no path named {path!r}; paths are {shown}{'…' if len(self.by_path) > 6 else ''}")
+
+    def __getitem__(self, path: str) -> PathHook:
+        return self._modules[self.key(path)]
+
+    def __contains__(self, path) -> bool:
+        return path in self.by_path or path in self._modules
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # a path name ("layers.3.mlp"): getattr(hooks, name) as nnsight does
+            by_path = self.__dict__.get("by_path", {})
+            if name in by_path:
+                return self._modules[by_path[name]]
+            raise
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.by_path)
+
+
+class Intervention:
+    """Forward hooks replacing some paths' logits; `remove()` them, or use as a context manager."""
+
+    def __init__(self, handles):
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class PathInterventions:
+    """intervene / ablate / patch on the `hooks` of a module whose call returns an ExpansionOutput."""
+
+    def intervene(self, paths, fn: Callable[[torch.Tensor], torch.Tensor]) -> Intervention:
+        """Replace the logits of `paths` (a name or several; "remainder" too) by `fn(logits)`.
+
+        The remainder stays what the unpatched paths left, so Σ paths + remainder changes by exactly
+        the replaced difference. Returns an `Intervention`: `with ex.intervene(...): ex(ids)`."""
+        names = [paths] if isinstance(paths, str) else list(paths)
+        if not names:
+            raise InputError("name at least one path to intervene on")
+        hooks = [self._hook(n) for n in names]
+
+        def replace(module, args, output):
+            new = fn(output)
+            if not isinstance(new, torch.Tensor) or new.shape != output.shape:
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise InputError(f"the intervention on {module.path!r} returned {got}; it must return a tensor "
+                                 f"of the path's shape {tuple(output.shape)}")
+            return new.to(output.dtype)
+
+        return Intervention(h.register_forward_hook(replace) for h in hooks)
+
+    def ablate(self, paths, how: str = "zero") -> Intervention:
+        """Zero-ablate (`how="zero"`) or mean-ablate over the batch (`how="mean"`) these paths."""
+        if how == "zero":
+            return self.intervene(paths, torch.zeros_like)
+        if how == "mean":
+            return self.intervene(paths, lambda x: x.mean(0, keepdim=True).expand_as(x))
+        raise InputError(f"unknown ablation {how!r}: use 'zero' or 'mean' (or patch(paths, source) to swap in "
+                         "another input's values, intervene(paths, fn) for anything else)")
+
+    def patch(self, paths, source) -> Intervention:
+        """Swap in these paths' logits from another input: `source` is an input of this module (tokens,
+        text; run once first) or the `ExpansionOutput` of one. (A fixed tensor: `intervene(paths,
+        lambda x: value)`.)"""
+        names = [paths] if isinstance(paths, str) else list(paths)
+        for n in names:
+            self._hook(n)
+        if isinstance(source, ExpansionOutput):
+            values = {n: _value_of(source, n) for n in names}
+        else:
+            with torch.no_grad():
+                out = self(source)
+            values = {n: _value_of(out, n) for n in names}
+
+        def fn_for(name):
+            def swap(x):
+                v = values[name]
+                if v.shape != x.shape:
+                    raise InputError(f"the patch for {name!r} has shape {tuple(v.shape)} but this input's path has "
+                                     f"{tuple(x.shape)}: patch from an input of the same batch size and length")
+                return v.to(device=x.device, dtype=x.dtype)
+            return swap
+
+        handles = []
+        for n in names:
+            handles.extend(self.intervene(n, fn_for(n)).handles)
+        return Intervention(handles)
+
+    def _hook(self, name: str) -> PathHook:
+        try:
+            return self.hooks[name]
+        except KeyError as e:
+            raise InputError(str(e.args[0])) from None
+
+
+class ExpandedModule(PathInterventions, fx.GraphModule):
     """A jet expansion compiled into one GraphModule.
 
     `ex(tokens)` returns an `ExpansionOutput`; `ex.forward(tokens)` (what hooks and exporters see)
-    returns the plain tuple (stacked path logits, remainder, logits). It moves with `.to()`,
-    prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
+    returns the plain tuple (stacked path logits, remainder, logits). `ex.hooks[path]` is the hook
+    point of one path's logits (`intervene`, `ablate`, `patch` use them). It moves with `.to()` —
+    every constant it holds, and the traced module it reads (`ex.source`, whose weights it shares) —,
+    runs under `torch.compile` with `ex.compile()`, prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
     `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic plan), `ex.k`.
     """
 
     path_names: tuple[str, ...]
+    hooks: PathHooks
 
     def __call__(self, tokens, *args, **kwargs):
-        if not isinstance(tokens, torch.Tensor):
-            from .tracing import as_tokens
+        from .tracing import as_tokens, check_padding
 
-            tokens = as_tokens(tokens, getattr(self, "tokenizer", None))
-        raw = super().__call__(tokens, *args, **kwargs)
+        if not isinstance(tokens, torch.Tensor):  # text or ids made here: put them where the module is
+            from .functions import device_of
+
+            tokens = as_tokens(tokens, getattr(self, "tokenizer", None)).to(device_of(self))
+        elif getattr(self, "tokenizer", None) is not None and tokens.device.type != "meta":
+            check_padding(tokens, self.tokenizer)
+        compiled = self.__dict__.get("_jetfx_compiled")
+        if compiled is not None and not args and not kwargs and not _hooked(self):
+            raw = compiled(self, tokens)
+        else:  # eager: also whenever a hook point is hooked (compiled code would not see new hooks)
+            raw = super().__call__(tokens, *args, **kwargs)
         if not isinstance(raw, tuple) or len(raw) != 3:
             raise InputError("the expanded module returned an unexpected value (was its graph edited?)")
-        return ExpansionOutput(self.path_names, *raw)
+        out = ExpansionOutput(self.path_names, *raw)
+        if getattr(self, "check_exactness", True) and out.logits.device.type != "meta":
+            out.check()  # one scalar read per call; set `check_exactness = False` to skip it
+        return out
+
+    def compile(self, enabled: bool = True, **options) -> "ExpandedModule":
+        """Run this module under `torch.compile` from the next call on; returns the module itself.
+
+        `options` go to `torch.compile` (`mode="max-autotune"`, `dynamic=True`, `backend=…`); the
+        first call of each new shape (or device) compiles, later ones run the compiled code. The
+        module stays an ordinary GraphModule: `forward`, `.to()`, `export` and the hook points are
+        unchanged, and while any hook point is hooked (`intervene`, `ablate`, `patch`, nnsight) calls
+        run eagerly, so that interventions are never silently skipped. Token ids are checked before
+        the compiled code runs. `ex.compile(False)` goes back to eager execution.
+
+        (Unlike `torch.nn.Module.compile`, which this replaces, it returns the module: chain it,
+        `ex = jetfx.expand(gm, 1, paths=…).compile()`.)
+        """
+        if not enabled:
+            self.__dict__.pop("_jetfx_compiled", None)
+            return self
+        self.__dict__["_jetfx_compiled"] = _CompiledForward(self, options)
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls run under torch.compile (see `compile`)."""
+        return "_jetfx_compiled" in self.__dict__
 
     def symbolic(self, **kw):
         """The expansion as a sympy expression (see jetfx.symbolic.symbolic_view)."""
@@ -75,3 +309,37 @@ class ExpandedModule(fx.GraphModule):
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(svg)
         return svg
+
+
+class _CompiledForward:
+    """`torch.compile` of an expanded module's forward, with the token check run eagerly first (its
+    value-dependent test of the ids would break the compiled graph; `check_tokens` is skipped
+    while compiling)."""
+
+    def __init__(self, module: fx.GraphModule, options: dict):
+        from .tracing import check_tokens
+
+        self.options = dict(options)
+        checks = [n for n in module.graph.nodes if n.op == "call_function" and n.target is check_tokens]
+        self.limits = tuple(checks[0].args[1:]) if checks else None
+        self.forward = torch.compile(module.forward, **self.options)
+
+    def __call__(self, module, tokens):
+        if self.limits is not None:
+            from .tracing import check_tokens
+
+            check_tokens(tokens, *self.limits)
+        return self.forward(tokens)
+
+
+def _hooked(module: "ExpandedModule") -> bool:
+    """Whether a forward hook is set on the module or one of its hook points (then it runs eagerly)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in (module, *module.hooks.values()))
+
+
+def _value_of(out: ExpansionOutput, name: str) -> torch.Tensor:
+    return out.remainder if name == REMAINDER else out[name]

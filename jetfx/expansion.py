@@ -26,9 +26,9 @@ from torch import fx
 
 from . import paths as P
 from .errors import ExpansionError, check_order
-from .structure import ResidualStructure
+from .structure import Block, ResidualStructure
 from .terms import LOGITS, STREAM, Branch, Concat, Constant, Jet, Logits, Remainder, Scaled, Select, SplitJet, Stream, Terms
-from .tracing import info_of, residual_of
+from .tracing import as_traced, info_of, residual_of
 
 DEFAULT_MAX_PATHS = 512
 MAX_SPLIT_TERMS = 100_000
@@ -54,8 +54,11 @@ class JetExpansion:
         from .passes.materialize import compile_terms
         from .tracing import as_tokens
 
+        from .functions import device_of
+
         module = compile_terms(self.gm, self.terms, self.remainder, jets=jets)
-        tokens = tokens if isinstance(tokens, torch.Tensor) else as_tokens(tokens, info_of(self.gm).tokenizer)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = as_tokens(tokens, info_of(self.gm).tokenizer).to(device_of(self.gm))
         return module(tokens)
 
     def __iter__(self):  # (ξ, δ) unpacking, as in the paper
@@ -80,8 +83,18 @@ def encoder(gm: fx.GraphModule) -> Stream:
 
 
 def branch(gm: fx.GraphModule, block) -> Branch:
-    """The model's own block output γ_b(h) as a center."""
-    return Branch(residual_of(gm).block(block) if isinstance(block, str) else block)
+    """The model's own block output γ_b(h) as a center: a block name, index or `Block`."""
+    structure = residual_of(gm)
+    if isinstance(block, Block):
+        return Branch(block)
+    if isinstance(block, int) and not isinstance(block, bool):
+        if not -structure.num_blocks <= block < structure.num_blocks:
+            raise ExpansionError(f"block index {block} is out of range: the model has {structure.num_blocks} blocks")
+        return Branch(structure.blocks[block])
+    if isinstance(block, str):
+        return Branch(structure.block(block))
+    raise ExpansionError(f"a branch center takes a block name (e.g. {structure.blocks[0].name!r}), an index or a "
+                         f"Block, got {type(block).__name__}")
 
 
 def constant(gm: fx.GraphModule, value: torch.Tensor, names: Sequence[str] | str | None = None) -> Constant:
@@ -318,7 +331,7 @@ def _choices(structure: ResidualStructure, blocks: tuple[str, ...]) -> tuple:
 
 
 def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAULT_MAX_PATHS, jets: str = "auto",
-           split: bool = False, degrees=None, weights: str | None = None):
+           split: bool = False, degrees=None, weights: str | None = None, example_inputs=None):
     """The exponential jet expansion of a traced model, compiled into a runnable GraphModule.
 
     `paths` selects the compiled paths: a `jetfx.paths` filter, a predicate on `Path`, or path
@@ -329,8 +342,13 @@ def expand(gm: fx.GraphModule, k: int = 1, paths=None, *, max_paths: int = DEFAU
     degree and by the terms it interacts with; `paths` is then a `jetfx.split` filter (see there), and
     `weights` "exponential" (default: Algorithm 2's 1/2^s on the paper's paths) or "uniform" (1/N_s on
     every term of the split level); see `jetfx.split.split_terms`.
+
+    `gm` is made by `jetfx.trace`, or is a GraphModule from `torch.fx.symbolic_trace` /
+    `torch.export` (or an ExportedProgram), re-exported first (`jetfx.tracing.as_traced`; float
+    inputs need `example_inputs` when the graph records no shapes).
     """
     k = check_order(k)
+    gm = as_traced(gm, example_inputs)
     if split:
         from .split import expand_split
 

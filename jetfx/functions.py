@@ -83,7 +83,10 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
                    and getattr(n.args[0], "name", None) == d.norm_output and len(n.args) > 1
                    and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
                    and n.args[1].target == d.unembedding]
-        if applies:
+        if applies and d.norm_output == d.input:  # no final norm: U reads the stream itself
+            weight = fetch_attr(gm, d.unembedding).detach()
+            result = DecoderSplit(_identity_region(d.input), weight if "linear" in str(applies[0].target) else weight.t())
+        elif applies:
             weight = fetch_attr(gm, d.unembedding).detach()
             if "linear" not in str(applies[0].target):
                 weight = weight.t()
@@ -102,6 +105,14 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
     return result
 
 
+def _identity_region(name: str) -> Region:
+    """x ↦ x as a region (the part of a norm-less decoder before U)."""
+    g = fx.Graph()
+    g.output(g.placeholder("x"))
+    return Region(module=fx.GraphModule(torch.nn.Module(), g, class_name="Region"), stream_input=name,
+                  side_inputs=(), output=name)
+
+
 def _first_tensor(module: torch.nn.Module) -> torch.Tensor | None:
     return next(itertools.chain(module.parameters(), module.buffers()), None)
 
@@ -110,6 +121,67 @@ def device_of(module: torch.nn.Module) -> torch.device:
     """Where a module's weights live (CPU for a module without any)."""
     first = _first_tensor(module)
     return first.device if first is not None else torch.device("cpu")
+
+
+@torch.no_grad()  # an autograd graph would keep every converted block of W alive
+def gram(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """WᵀW (d × d) in `dtype` for W (V, d), summed over blocks of rows: no (V, d) copy of W in
+    `dtype` is made (4 GB for U at V = 128256, d = 4096 in float64)."""
+    g = torch.zeros(weight.shape[1], weight.shape[1], dtype=dtype, device=weight.device)
+    step = max(1, (1 << 24) // max(1, weight.shape[1]))
+    for i in range(0, weight.shape[0], step):
+        block = weight[i:i + step].to(dtype)
+        g.addmm_(block.t(), block)
+    return g
+
+
+def host_floats(t: torch.Tensor) -> list[float]:
+    """`t.tolist()` as floats: one device → host transfer (nan for tensors on the meta device,
+    which have no values: device bookkeeping is checked there)."""
+    if t.device.type == "meta":
+        return [float("nan")] * t.numel()
+    return [float(v) for v in t.detach().double().flatten().tolist()]
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def default_jet_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision jets are computed in for a model of floating type `dtype`: float32 for half
+    precision (the k ≥ 1 coefficients are small next to c_0 and would drown in bf16/fp16 rounding),
+    the model's own dtype otherwise."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def jet_dtype(gm: fx.GraphModule) -> torch.dtype:
+    """The dtype jets of `gm` are computed in: `gm.jetfx.jet_dtype` (set by `jetfx.trace(...,
+    jet_dtype=...)`, or assigned later), by default float32 for half-precision models."""
+    info = getattr(gm, "jetfx", None)
+    model = getattr(info, "dtype", None) or torch.float32
+    chosen = getattr(info, "jet_dtype", None)
+    if chosen is None:
+        return default_jet_dtype(model)
+    if chosen != model and torch.finfo(chosen).bits <= torch.finfo(model).bits:
+        from .errors import InputError
+
+        raise InputError(f"jet_dtype={chosen} is not wider than the model's {model}: jets are computed in the model's "
+                         "dtype or a wider one (torch.float32, torch.float64); set gm.jetfx.jet_dtype = None for the "
+                         "default")
+    return chosen
+
+
+def compute_region(region: Region, dtype: torch.dtype) -> Region:
+    """`region` computing in `dtype` (weights and side inputs cast as read, see
+    `passes.dtype.compute_in`); the region itself when it already computes in `dtype`. Kept on the
+    region module, so jets built from it are built once."""
+    from .passes.dtype import compute_in
+
+    cache = region.module.__dict__.setdefault("_jetfx_compute_regions", {})
+    if dtype not in cache:
+        module = compute_in(region.module, dtype)
+        cache[dtype] = region if module is region.module else Region(module, region.stream_input,
+                                                                      region.side_inputs, region.output)
+    return cache[dtype]
 
 
 def probe_module(gm: fx.GraphModule, names: tuple[str, ...]) -> fx.GraphModule:

@@ -13,14 +13,18 @@ vector added to the residual; it is measured at one position by
 
 `interactions(gm, text)` computes all of them (one batched jvp per block and center: the primal of
 block l at x_i is shared by its N_l − 1 directions), shows progress, and keeps what is finished if
-interrupted. `InteractionMap` holds the data (records, CSV, JSON) and draws the heatmaps (SVG).
+interrupted; with `checkpoint=FILE` every finished block is appended to FILE and a later call with
+the same model, input and blocks resumes from it. `InteractionMap` holds the data (records, CSV,
+JSON) and draws the heatmaps (SVG); `save` writes each file atomically.
 """
 
 from __future__ import annotations
 
 import csv
 import html
+import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,10 +33,12 @@ from torch import fx
 
 from . import paths as P
 from .errors import ExpansionError, InputError
+from .files import write_atomic
 from .functions import block_region, capture, device_of, logits_node, split_decoder
 from .tracing import as_tokens, info_of, residual_of
 
 CHUNK = 64  # directions per vmap call
+CHECKPOINT = "interactions.partial.jsonl"  # the CLI's checkpoint file, in its output folder
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class InteractionMap:
     blocks: list[str]  # receiving blocks, in the order computed
     records: list[Interaction] = field(default_factory=list)
     complete: bool = True
+    num_blocks: int = 0  # receiving blocks asked for (len(blocks) of them finished)
+    resumed: int = 0  # blocks read from a checkpoint rather than computed
 
     def matrix(self, value: str = "size", by: str = "pairs") -> tuple[list[str], list[str], torch.Tensor]:
         """Aggregated heatmap data: (row labels, column labels, matrix).
@@ -83,15 +91,20 @@ class InteractionMap:
 
     def to_json(self) -> str:
         d = asdict(self)
+        del d["resumed"]  # how it was computed, not what: a resumed run writes the same file
         d["records"] = [asdict(r) for r in self.records]
         return json.dumps(d, ensure_ascii=False, indent=1)
 
+    def to_csv(self) -> str:
+        f = io.StringIO(newline="")
+        w = csv.writer(f)
+        w.writerow(["block", "center", "direction", "weight", "size", "effect"])
+        for r in self.records:
+            w.writerow([r.block, r.center, r.direction, f"{r.weight:.8g}", f"{r.size:.8g}", f"{r.effect:.8g}"])
+        return f.getvalue()
+
     def write_csv(self, path) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["block", "center", "direction", "weight", "size", "effect"])
-            for r in self.records:
-                w.writerow([r.block, r.center, r.direction, f"{r.weight:.8g}", f"{r.size:.8g}", f"{r.effect:.8g}"])
+        write_atomic(path, self.to_csv())
 
     def svg(self, value: str = "size", by: str = "pairs", title: str | None = None) -> str:
         rows, cols, m = self.matrix(value, by)
@@ -107,14 +120,53 @@ class InteractionMap:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         files = {"json": out / "interactions.json", "csv": out / "interactions.csv"}
-        files["json"].write_text(self.to_json())
+        write_atomic(files["json"], self.to_json())
         self.write_csv(files["csv"])
         for value in ("size", "effect"):
             for by in ("pairs", "blocks"):
                 path = out / f"interactions_{value}_{by}.svg"
-                path.write_text(self.svg(value, by))
+                write_atomic(path, self.svg(value, by))
                 files[f"{value}_{by}"] = path
         return files
+
+
+class Checkpoint:
+    """Finished blocks of an interaction run, in a JSON Lines file: a header line that identifies
+    the run (model weights, tokens, position, receiving blocks), then one line per finished block,
+    appended as it finishes (one write: a block is in the file whole or not at all). A file with
+    another header is started afresh; a torn last line (a killed process) is dropped."""
+
+    def __init__(self, path, key: dict):
+        self.path = Path(path)
+        self.blocks: dict[str, list[Interaction]] = {}
+        header = json.dumps({"jetfx_interactions": 1, "key": key}, sort_keys=True)
+        lines = []
+        if self.path.is_file():
+            try:
+                lines = self.path.read_text(encoding="utf-8").split("\n")
+            except (OSError, UnicodeDecodeError):
+                lines = []
+        kept = [header]
+        if lines and lines[0] == header:
+            for line in lines[1:]:
+                try:
+                    d = json.loads(line)
+                    records = [Interaction(**r) for r in d["records"]]
+                except (ValueError, KeyError, TypeError):
+                    break  # a torn or foreign line ends what can be trusted
+                self.blocks[d["block"]] = records
+                kept.append(line)
+        if lines != [*kept, ""]:  # the file holds more or less than the trusted lines: rewrite it
+            write_atomic(self.path, "\n".join(kept) + "\n")
+
+    def save(self, block: str, records: list[Interaction]) -> None:
+        line = json.dumps({"block": block, "records": [asdict(r) for r in records]}) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+        self.blocks[block] = records
 
 
 def heatmap_svg(rows, cols, m: torch.Tensor, *, title: str = "", axes=("", ""), diverging: bool = False,
@@ -172,19 +224,22 @@ class _Readout:
         split = split_decoder(gm)
         if split is None:
             raise ExpansionError("the interaction view needs a decoder that ends in a linear unembedding U")
-        norm = split.norm
+        from .functions import compute_region, gram, jet_dtype
+
+        dtype = jet_dtype(gm)
+        norm = compute_region(split.norm, dtype)
         side = tuple(capture(gm, ids, norm.side_inputs).values()) if norm.side_inputs else ()
-        h = h_last.detach()
+        h = h_last.detach().to(dtype)
 
         def at_position(z):
             full = torch.cat([h[:, :position], z.view(1, 1, -1), h[:, position + 1:]], dim=1)
             return norm.module(full, *side)[0, position]
 
-        jac = torch.func.jacfwd(at_position)(h[0, position])  # (d, d)
-        U = split.unembedding.to(jac.dtype)
-        gram = U.T @ U
-        self.metric = jac.T @ gram @ jac
-        self.row = jac.T @ U[top]
+        with torch.no_grad():
+            jac = torch.func.jacfwd(at_position)(h[0, position])  # (d, d)
+            U = split.unembedding
+            self.metric = jac.T @ gram(U, jac.dtype) @ jac  # blocked UᵀU: no copy of U in the jet dtype
+            self.row = jac.T @ U[top].to(jac.dtype)
 
     def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         quad = torch.einsum("nd,de,ne->n", t, self.metric, t).clamp_min(0)
@@ -192,11 +247,13 @@ class _Readout:
 
 
 def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None, progress: bool = True,
-                 tokenizer=None) -> InteractionMap:
+                 tokenizer=None, checkpoint=None) -> InteractionMap:
     """All degree-1 cross terms of one input at one position (default: the last), measured.
 
     `blocks`: receiving blocks (names or shell patterns, default all). Interrupting (Ctrl-C)
-    returns the blocks finished so far, with `complete=False`.
+    returns the blocks finished so far, with `complete=False`. `checkpoint`: a file (see
+    `Checkpoint`) that keeps every finished block; a call with the same model, input, position and
+    blocks skips them, and its result equals an uninterrupted run's.
     """
     from .passes.mixed import directional_graph
 
@@ -217,26 +274,44 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
     receiving = _select_blocks(structure, blocks)
     parts = [P.ENCODER] + [b.name for b in structure.blocks]
     part_nodes = [structure.stream[0]] + [b.output for b in structure.blocks]
-    regions = {b.name: block_region(gm, b) for b in receiving}
+    from .functions import compute_region, jet_dtype
+
+    dtype = jet_dtype(gm)  # float32 for a half-precision model: cross terms are small
+    regions = {b.name: compute_region(block_region(gm, b), dtype) for b in receiving}
     side_names = sorted({s for r in regions.values() for s in r.side_inputs})
     names = [*part_nodes, structure.decoder.input, logits_node(gm), *side_names]
     with torch.no_grad():
         vals = capture(gm, ids, names)
     logits = vals[logits_node(gm)][0, position]
-    top = int(logits.argmax())
+    top = int(logits.argmax())  # a host sync, once
     readout = _Readout(gm, ids, vals[structure.decoder.input], position, top)
-    token_text = [tokenizer.decode([int(t)]) if tokenizer is not None else str(int(t)) for t in ids[0]]
+    token_text = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in ids[0].tolist()]
     top_text = tokenizer.decode([top]) if tokenizer is not None else str(top)
-    result = InteractionMap(token_text, position, top_text, parts, [], [], complete=False)
+    result = InteractionMap(token_text, position, top_text, parts, [], [], complete=False, num_blocks=len(receiving))
+    saved = {}
+    if checkpoint is not None:
+        from .ngrams import weights_hash
+
+        key = {"model": info.model_name, "weights": weights_hash(gm), "dtype": str(logits.dtype),
+               "tokens": ids[0].tolist(), "position": position, "blocks": [b.name for b in receiving]}
+        checkpoint = Checkpoint(checkpoint, key)
+        saved = checkpoint.blocks
     value_of = dict(zip(parts, (vals[n] for n in part_nodes)))
     bar = _progress(len(receiving), progress)
     try:
         for block in receiving:
+            if block.name in saved:
+                result.records.extend(saved[block.name])
+                result.blocks.append(block.name)
+                result.resumed += 1
+                bar.update(1)
+                continue
+            block_records = []
             centers = [P.ENCODER] + [b.name for b in structure.blocks if b.step < block.step]
             region = regions[block.name]
             side = [vals[s] for s in region.side_inputs]
             jvp = directional_graph(region.module, 1)
-            X = torch.stack([value_of[c][0] for c in centers])  # (N, T, d)
+            X = torch.stack([value_of[c][0] for c in centers]).to(dtype)  # (N, T, d)
             w = 1.0 / len(centers)
             for i, center in enumerate(centers):
                 others = [j for j in range(len(centers)) if j != i]
@@ -250,7 +325,10 @@ def interactions(gm: fx.GraphModule, tokens, *, position: int = -1, blocks=None,
                 t = w * torch.cat(outs)[:, 0, position]  # (N − 1, d)
                 size, effect = readout(t.to(readout.metric.dtype))
                 for j, sz, ef in zip(others, size.tolist(), effect.tolist()):
-                    result.records.append(Interaction(block.name, center, centers[j], w, sz, ef))
+                    block_records.append(Interaction(block.name, center, centers[j], w, sz, ef))
+            if checkpoint is not None:
+                checkpoint.save(block.name, block_records)
+            result.records.extend(block_records)
             result.blocks.append(block.name)
             bar.update(1)
         result.complete = True

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import ExpansionError, JetfxError, check_order
+from .passes.batching import map_centers
 
 
 def clear_errors(what: str):
@@ -134,22 +135,6 @@ def _routes(region) -> bool:
     return isinstance(region, torch.fx.GraphModule) and data_dependent(region)
 
 
-def over_centers(fn: Callable, *batched: torch.Tensor, owner=None):
-    """`fn` mapped over the leading dimension of `batched`: by vmap, or by a loop where vmap cannot
-    batch an op (mixture-of-experts routing has data-dependent shapes: each center routes its own
-    rows). `owner` remembers that the loop is needed, so vmap is not tried again."""
-    if owner is None or not owner.__dict__.get("_jetfx_loop", False):
-        try:
-            return torch.func.vmap(fn)(*batched)
-        except Exception:  # noqa: BLE001 - vmap has no batching rule for some op; the loop has none to need
-            if owner is not None:
-                owner.__dict__["_jetfx_loop"] = True
-    outs = [fn(*(b[i] for b in batched)) for i in range(batched[0].shape[0])]
-    if isinstance(outs[0], (tuple, list)):
-        return type(outs[0])(torch.stack(parts) for parts in zip(*outs))
-    return torch.stack(outs)
-
-
 class Evaluate(torch.nn.Module):
     """J^0 f(x) = f(x) at a batch of centers (the variate plays no role at order 0)."""
 
@@ -162,7 +147,7 @@ class Evaluate(torch.nn.Module):
 
     @clear_errors("evaluation at the centers")
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
-        return over_centers(lambda x: self.region(x, *side), centers, owner=self)
+        return map_centers(lambda x: self.region(x, *side), centers, owner=self)
 
 
 def jet_module(region: torch.nn.Module, k: int, method: str = "auto") -> torch.nn.Module:

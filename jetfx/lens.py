@@ -36,6 +36,7 @@ import torch
 from torch import fx
 
 from .errors import ExpansionError, InputError, check_order
+from .files import write_atomic
 from .tracing import as_tokens, info_of, residual_of
 
 GRANULARITIES = ("layer", "branch")
@@ -54,32 +55,42 @@ class _Decoder:
     region: Any  # passes.regions.Region: f(x, *side)
     weight: torch.Tensor | None  # U as (V, d) (None: no split, jets of the whole υ)
     has_norm: bool
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # the traced module's (`cache_of`)
 
     @property
     def split(self) -> bool:
         return self.weight is not None
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """U·x in U's dtype (a bfloat16 model's logits are bfloat16: no float32 copy of U is made)."""
         if self.weight is None:
             return x
-        return x @ self.weight.to(x.dtype).t()
+        with torch.no_grad():  # lens logits are data: no autograd graph keeps U's inputs alive
+            return x.to(self.weight.dtype) @ self.weight.t()
 
     def gram(self, dtype=torch.float64) -> torch.Tensor | None:
-        """G = UᵀU (d × d), the metric of logit space pulled back to the stream."""
+        """G = UᵀU (d × d), the metric of logit space pulled back to the stream (blocked: no float64
+        copy of U), kept on the traced module until U changes (4 TFLOP in float64 at V = 128256,
+        d = 4096)."""
+        from .functions import gram
+
         if self.weight is None:
             return None
-        w = self.weight.to(dtype)
-        return w.t() @ w
+        version = self.weight._version  # shared with the parameter: bumped by in-place updates
+        kept = self.cache.get(("gram", dtype))
+        if kept is None or kept[0] != version:
+            kept = self.cache[("gram", dtype)] = (version, gram(self.weight, dtype))
+        return kept[1]
 
 
 def _decoder(gm: fx.GraphModule) -> _Decoder:
-    from .functions import decoder_region, split_decoder
+    from .functions import cache_of, decoder_region, split_decoder
 
     has_norm = residual_of(gm).decoder.has_norm
     split = split_decoder(gm)
     if split is None:
         return _Decoder(decoder_region(gm), None, has_norm)
-    return _Decoder(split.norm, split.unembedding, has_norm)
+    return _Decoder(split.norm, split.unembedding, has_norm, cache_of(gm))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +157,7 @@ class LensResult:
     (each row is a lens), (B, T, V) for the joint lens (Σ_r w_r · row_logits[r]).
     `cosine`, `agreement`: faithfulness (cosine similarity, top-1 agreement with `model_logits`),
     shaped like `logits` without V. `weights` (R, B, T): the jet weights (1 for iterative rows).
+    Every tensor is on the model's device; `top`, `to_dict` and the pictures move only what they show.
     """
 
     kind: str  # "iterative" or "joint"
@@ -178,14 +190,16 @@ class LensResult:
 
     # -- summaries -----------------------------------------------------------------------------
     def top(self, n: int = 5, batch: int = 0) -> list[list[list[tuple[str, int, float]]]]:
-        """[row][position] → n × (token string, id, logit), from `row_logits`."""
+        """[row][position] → n × (token string, id, logit), from `row_logits` (top-k on the device;
+        only the R × T × n winners are moved)."""
         vals, ids = self.row_logits[:, batch].topk(n, dim=-1)
+        vals, ids = vals.float().tolist(), ids.tolist()
         out = []
-        for r in range(vals.shape[0]):
+        for r in range(len(vals)):
             row = []
-            for t in range(vals.shape[1]):
-                texts = self.token_text(ids[r, t])
-                row.append([(s, int(i), float(v)) for s, i, v in zip(texts, ids[r, t].tolist(), vals[r, t].tolist())])
+            for t in range(len(vals[r])):
+                texts = self.token_text(ids[r][t])
+                row.append([(s, int(i), float(v)) for s, i, v in zip(texts, ids[r][t], vals[r][t])])
             out.append(row)
         return out
 
@@ -202,12 +216,13 @@ class LensResult:
         top = self.top(n, batch)
         model_top = self.model_logits[batch].argmax(-1)
         lens_top = self.logits[batch].argmax(-1) if self.kind == "joint" else self.logits[-1, batch].argmax(-1)
+        weights = self.weights[:, batch].float().tolist()  # one transfer, not one per cell
         d = {
             "kind": self.kind, "k": self.k, "granularity": self.granularity, "weighting": self.weighting,
             "model": self.model_name,
             "tokens": self.tokens[batch].tolist(), "positions": self.positions(batch), "rows": list(self.rows),
             "cells": [[{"top": [{"token": s, "id": i, "logit": v} for s, i, v in top[r][t]],
-                        "weight": float(self.weights[r, batch, t])}
+                        "weight": weights[r][t]}
                        for t in range(len(top[r]))] for r in range(len(top))],
             "model_top": self.token_text(model_top), "lens_top": self.token_text(lens_top),
             "cosine": self.cosine[..., batch, :].tolist(), "agreement": self.agreement[..., batch, :].int().tolist(),
@@ -233,9 +248,9 @@ class LensResult:
         folder.mkdir(parents=True, exist_ok=True)
         stem = stem or f"{self.kind}_lens_k{self.k}" + (f"_{self.weighting}" if self.kind == "joint" else "")
         paths = {"html": folder / f"{stem}.html", "svg": folder / f"{stem}.svg", "json": folder / f"{stem}.json"}
-        paths["html"].write_text(self.html(batch), encoding="utf-8")
-        paths["svg"].write_text(self.svg(batch), encoding="utf-8")
-        paths["json"].write_text(json.dumps(self.to_dict(n, batch), indent=1), encoding="utf-8")
+        write_atomic(paths["html"], self.html(batch))  # whole files or none, even if interrupted
+        write_atomic(paths["svg"], self.svg(batch))
+        write_atomic(paths["json"], json.dumps(self.to_dict(n, batch), indent=1))
         return paths
 
 
@@ -254,10 +269,29 @@ def _tokens(gm: fx.GraphModule, tokens) -> torch.Tensor:
     return ids.to(device_of(gm))
 
 
+@torch.no_grad()
 def _faithfulness(lens: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cos = torch.nn.functional.cosine_similarity(lens.double(), model.double().expand_as(lens), dim=-1).float()
+    """Cosine similarity and top-1 agreement of lens logits (…, B, T, V) with the model's (B, T, V),
+    on their device. Sums in float32 (float64 for a float64 model), in blocks of rows and positions
+    of at most 2^26 values: a few passes over the logits, no copy of them in another dtype."""
+    V = model.shape[-1]
+    lead = lens.shape[:-model.dim()]
+    dtype = torch.promote_types(lens.dtype, torch.float32)
+    rows = lens.reshape(-1, model[..., 0].numel(), V)  # (rows, positions, V)
+    ref = model.reshape(-1, V)
+    cos = torch.empty(rows.shape[:2], dtype=dtype, device=lens.device)
+    step = max(1, min(ref.shape[0], (1 << 26) // V))
+    per = max(1, (1 << 26) // (step * V))  # rows per block
+    eps = 1e-8  # torch.nn.functional.cosine_similarity's
+    for j in range(0, ref.shape[0], step):
+        b = ref[j:j + step].to(dtype)
+        nb = torch.linalg.vector_norm(b, dim=-1).clamp_min(eps)
+        for r in range(0, rows.shape[0], per):
+            a = rows[r:r + per, j:j + step].to(dtype)
+            dot = (a * b).sum(-1)
+            cos[r:r + per, j:j + step] = dot / (torch.linalg.vector_norm(a, dim=-1).clamp_min(eps) * nb)
     agree = lens.argmax(-1) == model.argmax(-1)
-    return cos, agree
+    return cos.float().reshape(*lead, *model.shape[:-1]), agree
 
 
 def _check_norm(dec: _Decoder, k: int) -> None:
@@ -267,13 +301,17 @@ def _check_norm(dec: _Decoder, k: int) -> None:
             "model's logits at every layer, so the jet lens reduces to the logit lens (k = 0); use k=0")
 
 
-def _jets(dec: _Decoder, centers: torch.Tensor, variate: torch.Tensor, side, k: int, method: str) -> torch.Tensor:
-    """J^k γ(center_i)(variate) for centers (N, B, T, d): (N, B, T, d) (or logits if not split)."""
+def _jets(dec: _Decoder, centers: torch.Tensor, variate: torch.Tensor, side, k: int, method: str,
+          dtype: torch.dtype) -> torch.Tensor:
+    """J^k γ(center_i)(variate) for centers (N, B, T, d): (N, B, T, d) (or logits if not split),
+    computed in `dtype` (the jet dtype: float32 for a half-precision model)."""
+    from .functions import compute_region
     from .jets import jet_module
 
+    region = compute_region(dec.region, dtype)
     # Taylor mode (the default) handles ops without a rule itself, by nested AD for those ops
     with torch.no_grad():
-        out = jet_module(dec.region.module, k, method=method)(centers, variate, *side)
+        out = jet_module(region.module, k, method=method)(centers.to(dtype), variate.to(dtype), *side)
     return out.detach()
 
 
@@ -329,15 +367,18 @@ def iterative_lens(gm: fx.GraphModule, tokens, k: int = 1, *, layers=None, granu
     centers = torch.stack([values[stream[i]] for i, _ in rows])
     h_last = values[stream[-1]]
     side = [values[s] for s in dec.region.side_inputs]
-    jets = _jets(dec, centers, h_last, side, k, method)
+    from .functions import jet_dtype
+
+    jets = _jets(dec, centers, h_last, side, k, method, jet_dtype(gm))
     row_logits = dec.unembed(jets) if dec.split else jets
     row_logits = row_logits.to(model_logits.dtype)
     cos, agree = _faithfulness(row_logits, model_logits)
     info = info_of(gm)
+    # every tensor stays on the model's device: summaries and pictures move only what they show
     return LensResult(
-        kind="iterative", k=k, granularity=granularity, rows=[label for _, label in rows], tokens=ids.cpu(),
-        row_logits=row_logits.cpu(), logits=row_logits.cpu(), model_logits=model_logits.cpu(),
-        weights=torch.ones(row_logits.shape[:3]), cosine=cos.cpu(), agreement=agree.cpu(),
+        kind="iterative", k=k, granularity=granularity, rows=[label for _, label in rows], tokens=ids,
+        row_logits=row_logits, logits=row_logits, model_logits=model_logits,
+        weights=torch.ones(row_logits.shape[:3], device=row_logits.device), cosine=cos, agreement=agree,
         tokenizer=info.tokenizer, model_name=info.model_name)
 
 
@@ -378,10 +419,13 @@ def optimize_weights(terms: torch.Tensor, target: torch.Tensor, gram: torch.Tens
     reduced to per-token N × N matrices first, so each step costs O(N²) per token, not O(d) or O(V).
     Returns (weights (N, …), loss curve (mean relative loss per step, step 0 = uniform), uniform
     loss, optimized loss). Deterministic: initialized at uniform weights (plus `init_noise` ×
-    Gaussian noise from `seed`), and the best iterate is kept.
+    Gaussian noise from `seed`), and the best iterate is kept. Runs on the device of `terms`, with
+    one device → host transfer at the end (the loss curve), none per step.
     """
+    device = terms.device
     a = terms.detach().double().movedim(0, -2)  # (…, N, d)
-    q = target.detach().double().unsqueeze(-1)  # (…, d, 1)
+    q = target.detach().double().to(device).unsqueeze(-1)  # (…, d, 1)
+    gram = None if gram is None else gram.to(device)
     aG = a if gram is None else a @ gram.double()
     A = aG @ a.transpose(-1, -2)  # (…, N, N)
     b = (aG @ q).squeeze(-1)  # (…, N)
@@ -398,14 +442,14 @@ def optimize_weights(terms: torch.Tensor, target: torch.Tensor, gram: torch.Tens
 
     n = a.shape[-2]
     gen = torch.Generator().manual_seed(int(seed))
-    theta = torch.zeros(b.shape, dtype=torch.float64)
-    if init_noise:
-        theta += init_noise * torch.randn(b.shape, generator=gen, dtype=torch.float64)
-    uniform = torch.full(b.shape, 1.0 / n, dtype=torch.float64)
+    theta = torch.zeros(b.shape, dtype=torch.float64, device=device)
+    if init_noise:  # drawn on the CPU (the same numbers on every device), then moved
+        theta += init_noise * torch.randn(b.shape, generator=gen, dtype=torch.float64).to(device)
+    uniform = torch.full(b.shape, 1.0 / n, dtype=torch.float64, device=device)
     best_loss = loss_of(uniform)
     best_w = uniform.clone()
-    uniform_loss = float(best_loss.mean())
-    curve = [uniform_loss]
+    curve = torch.empty(int(steps) + 1, dtype=torch.float64, device=device)  # mean loss per step, on the device
+    curve[0] = best_loss.mean()
     # Adam on θ with the closed-form gradient: ∂loss/∂w = 2(Aw − b)/scale, through the softmax
     # ∂/∂θ = w ⊙ (g − ⟨w, g⟩); no autograd, a handful of small ops per step
     m1 = torch.zeros_like(theta)
@@ -424,8 +468,36 @@ def optimize_weights(terms: torch.Tensor, target: torch.Tensor, gram: torch.Tens
         better = per < best_loss
         best_loss = torch.where(better, per, best_loss)
         best_w = torch.where(better.unsqueeze(-1), w, best_w)
-        curve.append(float(per.mean()))
-    return best_w.movedim(-1, 0).float(), curve, uniform_loss, float(best_loss.mean())
+        curve[step] = per.mean()
+    from .functions import host_floats
+
+    curve = host_floats(torch.cat([curve, best_loss.mean().reshape(1)]))  # the one transfer
+    return best_w.movedim(-1, 0).float(), curve[:-1], curve[0], curve[-1]
+
+
+# the joint lens's relative squared error (1 = that of predicting 0) above which its jets diverge:
+# on SmolLM2 ("The capital of France is") the optimized error is 17 at k = 1 (mean cosine 0.95 with
+# the logits), 2.8e6 at k = 2 (cosine -0.46) and 6e25 at k = 5 — identical in float64, so the jets
+# themselves are far from the output, not rounding
+BAD_FIT = 1e3
+
+
+def _warn_if_bad_fit(loss: float, k: int, dtype: torch.dtype) -> None:
+    """The joint lens's weights are only meaningful if its centers' jets approximate the decoder's
+    output; say so when even the best weights leave an error far larger than the output itself."""
+    if loss <= BAD_FIT:  # False for NaN
+        return
+    if loss != loss or loss == float("inf"):
+        fix = "use a lower order (k=1 or k=2)" + (
+            "" if dtype == torch.float64 else ", or float64 (jetfx.load(..., dtype=torch.float64), --dtype float64)")
+        warnings.warn(f"the joint jet lens at k={k} overflowed (its error is {loss}): its weights and rows mean "
+                      f"nothing; {fix}", stacklevel=3)
+        return
+    warnings.warn(f"the joint jet lens at k={k} does not fit the decoder's output: the relative squared error of its "
+                  f"best weights is {loss:.3g} (1 would be the error of predicting 0), so its weights and rows mean "
+                  f"little. The order-{k} jets of the final norm, taken at the centers, are far from its output at "
+                  f"h_L (a norm's Taylor polynomial is only close near its center); float64 does not change that. "
+                  f"Use a lower order (k=1), or the iterative lens", stacklevel=3)
 
 
 def joint_lens(gm: fx.GraphModule, tokens, k: int = 1, *, weights="uniform", granularity: str = "layer",
@@ -448,37 +520,43 @@ def joint_lens(gm: fx.GraphModule, tokens, k: int = 1, *, weights="uniform", gra
     else:
         from .expansion import _check_weights
 
-        fixed = torch.tensor(_check_weights(weights, n))
+        fixed = _check_weights(weights, n)
     ids = _tokens(gm, tokens)
     names = [nm for _, nms in centers_spec for nm in nms] + [structure.decoder.input] + list(dec.region.side_inputs)
     values, model_logits = _capture(gm, ids, names)
     centers = torch.stack([sum(values[nm] for nm in nms) for _, nms in centers_spec])
     h_last = values[structure.decoder.input]
     side = [values[s] for s in dec.region.side_inputs]
-    jets = _jets(dec, centers, h_last, side, k, method)  # (N, B, T, d) or logits
+    from .functions import jet_dtype
+
+    dtype = jet_dtype(gm)
+    jets = _jets(dec, centers, h_last, side, k, method, dtype)  # (N, B, T, d) or logits
     curve, u_loss, o_loss = [], None, None
     if fixed is not None:
-        w = fixed.to(jets.dtype).view(n, 1, 1).expand(n, *jets.shape[1:3]).clone()
+        w = torch.tensor(fixed, dtype=jets.dtype, device=jets.device).view(n, 1, 1).expand(n, *jets.shape[1:3]).clone()
         weighting = "given"
     else:
-        with torch.no_grad():
-            target = dec.region.module(h_last, *side)  # γ_{L+1}(h_L) (or the logits)
+        from .functions import compute_region
+
+        with torch.no_grad():  # γ_{L+1}(h_L) (or the logits), in the jet dtype
+            target = compute_region(dec.region, dtype).module(h_last.to(dtype), *side)
         if not dec.split and weights == "optimized":
             warnings.warn("the decoder's unembedding could not be split off: weights are optimized with the "
                           "Euclidean loss in logit space", stacklevel=2)
         w, curve, u_loss, o_loss = optimize_weights(jets, target, dec.gram(), steps=steps if weights == "optimized" else 0,
                                                     lr=lr, seed=seed)
         weighting = weights
+        _warn_if_bad_fit(o_loss, k, jets.dtype)
     w = w.to(jets.dtype)
     row_logits = (dec.unembed(jets) if dec.split else jets).to(model_logits.dtype)
     combined = dec.unembed((w.unsqueeze(-1) * jets).sum(0)) if dec.split else (w.unsqueeze(-1) * jets).sum(0)
     combined = combined.to(model_logits.dtype)
     cos, agree = _faithfulness(combined, model_logits)
     info = info_of(gm)
-    return LensResult(
-        kind="joint", k=k, granularity=granularity, rows=[label for label, _ in centers_spec], tokens=ids.cpu(),
-        row_logits=row_logits.cpu(), logits=combined.cpu(), model_logits=model_logits.cpu(), weights=w.cpu(),
-        cosine=cos.cpu(), agreement=agree.cpu(), weighting=weighting, loss_curve=curve, uniform_loss=u_loss,
+    return LensResult(  # on the model's device, like the iterative lens
+        kind="joint", k=k, granularity=granularity, rows=[label for label, _ in centers_spec], tokens=ids,
+        row_logits=row_logits, logits=combined, model_logits=model_logits, weights=w,
+        cosine=cos, agreement=agree, weighting=weighting, loss_curve=curve, uniform_loss=u_loss,
         optimized_loss=o_loss, tokenizer=info.tokenizer, model_name=info.model_name)
 
 
@@ -521,8 +599,8 @@ class CorpusResult:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"svg": folder / f"{stem}.svg", "json": folder / f"{stem}.json"}
-        paths["svg"].write_text(self.svg(), encoding="utf-8")
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        write_atomic(paths["svg"], self.svg())
+        write_atomic(paths["json"], json.dumps(self.to_dict(), indent=1))
         return paths
 
 

@@ -36,12 +36,14 @@ def _show(token: str) -> str:
 
 def _table(lens, batch: int):
     """(positions, rows, cells[r][t] = (token, logit, weight), final rows) for a picture."""
+    # reduced on the lens's device; only what is drawn (R × T values) is moved, in one transfer each
     vals, ids = lens.row_logits[:, batch].max(dim=-1)  # (R, T)
     R, T = vals.shape
+    vals, ids, weights = vals.float().cpu(), ids.tolist(), lens.weights[:, batch].float().tolist()
     cells = []
     for r in range(R):
         texts = lens.token_text(ids[r])
-        cells.append([(texts[t], float(vals[r, t]), float(lens.weights[r, batch, t])) for t in range(T)])
+        cells.append([(texts[t], float(vals[r, t]), weights[r][t]) for t in range(T)])
     model_top = lens.token_text(lens.model_logits[batch].argmax(-1))
     if lens.kind == "joint":
         lens_top = lens.token_text(lens.logits[batch].argmax(-1))

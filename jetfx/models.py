@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import check_device
 from .errors import InputError, MissingDependencyError
 
 BUILTIN = {
@@ -104,6 +105,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise InputError(f"a model name or folder is needed, got {name_or_path!r}; built-in: {', '.join(BUILTIN)}")
+    device = check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, …), got {dtype!r}")
     name = str(name_or_path)
     if name.lower() in BUILTIN:
         key = name.lower()
@@ -115,10 +119,21 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
         return _load_folder(name, dtype, device)
     if os.path.exists(name):
         raise InputError(f"{name!r} is a file; give a model folder (with config.json) or a hub name")
-    if name.count("/") == 1 and not name.startswith((".", "/")):
+    if name.count("/") == 1 and not name.startswith((".", "/")) or _in_hub_cache(name):
         return _load_hub(name, dtype, device)
-    raise InputError(f"unknown model {name!r}: built-in models are {', '.join(BUILTIN)}; "
-                     "otherwise give a local folder or a Hugging Face hub name like 'gpt2' or 'org/name'")
+    raise InputError(f"unknown model {name!r}: it is not a built-in model (built-in models are {', '.join(BUILTIN)}), "
+                     "not a local folder, and not in the Hugging Face cache. To download a hub model, give its full "
+                     "id with the organization, e.g. 'openai-community/gpt2' (needs internet access)")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """A hub id without organization ('gpt2') is only tried when its files are cached (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id, or an old huggingface_hub
+        return False
 
 
 def _load_hub(name: str, dtype, device):

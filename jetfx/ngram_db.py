@@ -5,18 +5,28 @@ Schema (docs/ngrams.md):
     vocabularies(hash PK, size)                      tokens(vocab, id, text)
     models(id PK, name, weights_hash, vocab, tied)   UNIQUE(name, weights_hash)
     runs(id PK, model, path, n, score, top_k, per_context, drop_self, chunk_size, num_chunks,
-         status 'running'|'done', created)
+         status 'running'|'done', created, selection)
     chunks(run, chunk)                               finished chunks (resume skips them)
     ngrams(run, scope 'top'|'context'|'cand', rank, t1, t2, t3, logit, logprob)
     masses(model, path, name, mass, mean_per_source, pairs, created)
+
+Several processes may write one file at once (e.g. `jetfx ngrams` for different paths): the file is
+in WAL mode, every write is one `BEGIN IMMEDIATE` transaction (a chunk's rows and its entry in
+`chunks` commit together or not at all), inserts of shared rows (vocabularies, tokens, models) are
+idempotent, and a writer waits up to `timeout` seconds for another one before it reports that the
+database is in use. An interrupted process leaves the file consistent; re-running the same command
+resumes its run.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import InputError
 
@@ -27,7 +37,8 @@ CREATE TABLE IF NOT EXISTS models(id INTEGER PRIMARY KEY, name TEXT NOT NULL, we
     vocab TEXT NOT NULL REFERENCES vocabularies(hash), tied INTEGER, UNIQUE(name, weights_hash));
 CREATE TABLE IF NOT EXISTS runs(id INTEGER PRIMARY KEY, model INTEGER NOT NULL REFERENCES models(id),
     path TEXT NOT NULL, n INTEGER NOT NULL, score TEXT NOT NULL, top_k INTEGER, per_context INTEGER,
-    drop_self INTEGER, chunk_size INTEGER, num_chunks INTEGER, status TEXT NOT NULL, created TEXT);
+    drop_self INTEGER, chunk_size INTEGER, num_chunks INTEGER, status TEXT NOT NULL, created TEXT,
+    selection TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS chunks(run INTEGER NOT NULL, chunk INTEGER NOT NULL, PRIMARY KEY(run, chunk));
 CREATE TABLE IF NOT EXISTS ngrams(run INTEGER NOT NULL, scope TEXT NOT NULL, rank INTEGER, t1 INTEGER NOT NULL,
     t2 INTEGER NOT NULL, t3 INTEGER, logit REAL, logprob REAL);
@@ -35,6 +46,9 @@ CREATE INDEX IF NOT EXISTS ngrams_run ON ngrams(run, scope, rank);
 CREATE TABLE IF NOT EXISTS masses(model INTEGER NOT NULL, path TEXT NOT NULL, name TEXT NOT NULL, mass REAL,
     mean_per_source REAL, pairs INTEGER, created TEXT);
 """
+TABLES = {"vocabularies", "tokens", "models", "runs", "chunks", "ngrams", "masses"}
+SQLITE_HEADER = b"SQLite format 3\x00"
+TIMEOUT = 60.0  # seconds a writer waits for another process's transaction before "in use"
 
 
 def _now() -> str:
@@ -56,40 +70,174 @@ class RunInfo:
     status: str
 
 
-class Run:
-    """A run's checkpoint: finished chunks and their rows (what `bigram_table(checkpoint=)` uses)."""
+class RunInterrupted(KeyboardInterrupt):
+    """A run was interrupted (Ctrl-C, SIGTERM); its finished chunks are saved and it resumes."""
 
-    def __init__(self, db: NgramDB, run_id: int):
-        self.db, self.id = db, run_id
+    def __init__(self, run_id: int, path: str, chunks_done: int, num_chunks: int, db_path: str):
+        super().__init__(f"interrupted; {chunks_done} of {num_chunks} chunks of {path} saved in {db_path}, "
+                         "re-run the same command to resume")
+        self.run_id, self.path, self.chunks_done, self.num_chunks = run_id, path, chunks_done, num_chunks
+
+
+class Run:
+    """A run's checkpoint: finished chunks and their rows (what `bigram_table(checkpoint=)` uses).
+
+    Saving a chunk is idempotent: a chunk another process saved first is not stored twice.
+    `finished` tells whether the run was already complete when it was opened.
+    """
+
+    def __init__(self, db: NgramDB, run_id: int, finished: bool = False):
+        self.db, self.id, self.finished = db, run_id, finished
 
     def done(self) -> set[int]:
         return {r[0] for r in self.db.con.execute("SELECT chunk FROM chunks WHERE run=?", (self.id,))}
 
+    def is_done(self, chunk: int) -> bool:
+        return self.db.con.execute("SELECT 1 FROM chunks WHERE run=? AND chunk=?", (self.id, chunk)).fetchone() is not None
+
     def load(self):
-        cand = self.db.con.execute("SELECT t1, t2, logit, logprob FROM ngrams WHERE run=? AND scope='cand'",
-                                   (self.id,)).fetchall()
-        ctx = self.db.con.execute("SELECT t1, rank, t2, logit, logprob FROM ngrams WHERE run=? AND scope='context'",
-                                  (self.id,)).fetchall()
+        """(candidates (t1, t2, logit, logprob), per-context rows (t1, rank, t2, logit, logprob)) of the
+        saved chunks; for a run another process has finished meanwhile, its final top-K rows."""
+        with self.db._read():
+            cand = self.db.con.execute("SELECT t1, t2, logit, logprob FROM ngrams WHERE run=? AND "
+                                       "scope IN ('cand', 'top')", (self.id,)).fetchall()
+            ctx = self.db.con.execute("SELECT t1, rank, t2, logit, logprob FROM ngrams WHERE run=? AND "
+                                      "scope='context' ORDER BY t1, rank", (self.id,)).fetchall()
         return cand, ctx
 
-    def save(self, chunk: int, cand_rows, ctx_rows) -> None:
-        with self.db.con:
-            self.db.con.executemany("INSERT INTO ngrams(run, scope, rank, t1, t2, logit, logprob) "
-                                    "VALUES (?, 'cand', NULL, ?, ?, ?, ?)", [(self.id, *r) for r in cand_rows])
-            self.db.con.executemany("INSERT INTO ngrams(run, scope, t1, rank, t2, logit, logprob) "
-                                    "VALUES (?, 'context', ?, ?, ?, ?, ?)", [(self.id, *r) for r in ctx_rows])
-            self.db.con.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (self.id, chunk))
+    def save(self, chunk: int, cand_rows, ctx_rows) -> bool:
+        """Commit one chunk's rows with its entry in `chunks`; False if it was saved already."""
+        with self.db._write() as con:
+            if con.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (self.id, chunk)).rowcount == 0:
+                return False
+            con.executemany("INSERT INTO ngrams(run, scope, rank, t1, t2, logit, logprob) "
+                            "VALUES (?, 'cand', NULL, ?, ?, ?, ?)", [(self.id, *r) for r in cand_rows])
+            con.executemany("INSERT INTO ngrams(run, scope, t1, rank, t2, logit, logprob) "
+                            "VALUES (?, 'context', ?, ?, ?, ?, ?)", [(self.id, *r) for r in ctx_rows])
+        return True
 
 
 class NgramDB:
-    """An n-gram database file. `NgramDB(path)`; ":memory:" works too."""
+    """An n-gram database file. `NgramDB(path)` creates it if missing (its folder must exist);
+    `NgramDB(path, create=False)` only opens an existing one; ":memory:" works too.
 
-    def __init__(self, path):
+    `timeout`: seconds to wait for another process's write before an `InputError` says the
+    database is in use.
+    """
+
+    def __init__(self, path, *, create: bool = True, timeout: float = TIMEOUT):
         self.path = str(path)
+        self.timeout = float(timeout)
+        memory = self.path == ":memory:"
+        if not memory:
+            self.check_file(self.path, create=create)
+        target = self.path if memory else f"file:{quote(os.path.abspath(self.path))}?mode={'rwc' if create else 'rw'}"
+        try:
+            self.con = sqlite3.connect(target, uri=not memory, timeout=self.timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise InputError(f"could not open the n-gram database {self.path}: {e}") from None
+        try:
+            self._open(create)
+        except BaseException:
+            self.con.close()
+            raise
+
+    @staticmethod
+    def check_file(path, *, create: bool = True) -> None:
+        """Refuse, before anything is computed, a path that cannot hold an n-gram database: a folder,
+        a file that is not SQLite, a missing file when `create` is False, a missing folder."""
+        from .files import check_output_file
+
+        p = Path(path)
+        if p.is_dir():
+            raise InputError(f"the n-gram database {p} is a folder; give a file name such as {p / 'ngrams.sqlite'}")
+        if p.exists():
+            with open(p, "rb") as fh:
+                head = fh.read(len(SQLITE_HEADER))
+            if head and head != SQLITE_HEADER:
+                raise InputError(f"{p} is not an SQLite database (it starts with {head[:8]!r}); give the n-gram "
+                                 "database made by `jetfx ngrams`, or a new file name")
+            if head:
+                con = sqlite3.connect(f"file:{quote(os.path.abspath(p))}?mode=ro", uri=True, timeout=TIMEOUT)
+                try:
+                    NgramDB._check_tables(p, NgramDB._tables(con, p))
+                finally:
+                    con.close()
+        elif not create:
+            raise InputError(f"there is no n-gram database at {p}; `jetfx ngrams --db {p}` makes one")
+        else:
+            check_output_file(p, "n-gram database")
+
+    @staticmethod
+    def _tables(con: sqlite3.Connection, name) -> set[str]:
+        try:
+            return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{name} is not a usable SQLite database ({e}); give the n-gram database made by "
+                             "`jetfx ngrams`, or a new file name") from None
+
+    @staticmethod
+    def _check_tables(path, tables: set[str]) -> None:
+        if tables and not TABLES <= tables:
+            raise InputError(f"{path} is an SQLite database but not a jetfx n-gram database (it has the tables "
+                             f"{', '.join(sorted(tables))}); give another file name")
+
+    def _open(self, create: bool) -> None:
+        tables = self._tables(self.con, self.path)
+        self._check_tables(self.path, tables)
+        if not create:
+            if not tables:
+                raise InputError(f"{self.path} holds no n-gram tables; `jetfx ngrams --db {self.path}` fills it")
+            return
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.con = sqlite3.connect(self.path)
-        self.con.executescript(SCHEMA)
+            try:
+                # WAL: readers never wait for the writer, and a commit is an append (no fsync per chunk)
+                self.con.execute("PRAGMA journal_mode=WAL")
+                self.con.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.OperationalError as e:
+                raise self._error(e) from None
+        with self._write() as con:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    con.execute(statement)
+            columns = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            if "selection" not in columns:  # files made before the column existed
+                con.execute("ALTER TABLE runs ADD COLUMN selection TEXT NOT NULL DEFAULT ''")
+
+    def _error(self, e: sqlite3.Error) -> InputError:
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            return InputError(f"the n-gram database {self.path} is in use by another process (still locked after "
+                              f"{self.timeout:g} s); wait for it to finish, or use another database file")
+        return InputError(f"could not write to the n-gram database {self.path}: {text}")
+
+    @contextmanager
+    def _write(self):
+        """One write transaction, taken before its first read (BEGIN IMMEDIATE: no lock upgrade that
+        could deadlock with another writer); rolled back on any exception, Ctrl-C included."""
+        try:
+            self.con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._error(e) from None
+        try:
+            yield self.con
+            self.con.execute("COMMIT")
+        except BaseException as e:
+            if self.con.in_transaction:
+                self.con.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise self._error(e) from None
+            raise
+
+    @contextmanager
+    def _read(self):
+        """A consistent snapshot across several queries."""
+        self.con.execute("BEGIN")
+        try:
+            yield self.con
+        finally:
+            if self.con.in_transaction:
+                self.con.execute("COMMIT")
 
     def close(self):
         self.con.close()
@@ -102,6 +250,7 @@ class NgramDB:
 
     # models ----------------------------------------------------------------------------------
     def add_model(self, gm, name: str | None = None) -> int:
+        """The id of the model (by name and weights hash), adding it and its vocabulary if new."""
         from . import ngrams as N
         from .tracing import info_of
 
@@ -111,55 +260,115 @@ class NgramDB:
         row = self.con.execute("SELECT id FROM models WHERE name=? AND weights_hash=?", (name, wh)).fetchone()
         if row:
             return row[0]
-        with self.con:
-            if not self.con.execute("SELECT 1 FROM vocabularies WHERE hash=?", (vh,)).fetchone():
-                self.con.execute("INSERT INTO vocabularies VALUES (?, ?)", (vh, info.vocab_size))
-                self.con.executemany("INSERT INTO tokens VALUES (?, ?, ?)",
-                                     [(vh, i, t) for i, t in enumerate(N.token_texts(gm))])
-            tied = None if info.tied_embeddings is None else int(bool(info.tied_embeddings))
-            cur = self.con.execute("INSERT INTO models(name, weights_hash, vocab, tied) VALUES (?, ?, ?, ?)",
-                                   (name, wh, vh, tied))
-        return cur.lastrowid
+        known = self.con.execute("SELECT 1 FROM vocabularies WHERE hash=?", (vh,)).fetchone()
+        texts = None if known else N.token_texts(gm)  # decoded outside the transaction
+        tied = None if info.tied_embeddings is None else int(bool(info.tied_embeddings))
+        with self._write() as con:
+            if con.execute("INSERT OR IGNORE INTO vocabularies VALUES (?, ?)", (vh, info.vocab_size)).rowcount:
+                con.executemany("INSERT OR IGNORE INTO tokens VALUES (?, ?, ?)",
+                                [(vh, i, t) for i, t in enumerate(texts or N.token_texts(gm))])
+            con.execute("INSERT OR IGNORE INTO models(name, weights_hash, vocab, tied) VALUES (?, ?, ?, ?)",
+                        (name, wh, vh, tied))
+            return con.execute("SELECT id FROM models WHERE name=? AND weights_hash=?", (name, wh)).fetchone()[0]
 
     def models(self) -> list[tuple]:
         return self.con.execute("SELECT id, name, weights_hash, vocab, tied FROM models ORDER BY id").fetchall()
 
     # runs ------------------------------------------------------------------------------------
+    _SAME = "model=? AND path=? AND n=? AND score=? AND top_k=? AND per_context=? AND drop_self=? AND selection=?"
+
+    def finished_run(self, model_id: int, path: str, *, n: int = 2, score: str, top_k: int, per_context: int = 0,
+                     drop_self: bool = False, selection: str = "") -> int | None:
+        """The id of the finished run with these settings (any chunk size), or None."""
+        row = self.con.execute(f"SELECT id FROM runs WHERE {self._SAME} AND status='done' ORDER BY id DESC",
+                               (model_id, path, n, score, top_k, per_context, int(drop_self), selection)).fetchone()
+        return row[0] if row else None
+
     def start_run(self, model_id: int, path: str, *, n: int = 2, score: str, top_k: int, per_context: int,
-                  drop_self: bool, chunk_size: int, num_chunks: int) -> Run:
-        """The unfinished run with these settings (to resume), else a new one."""
-        key = (model_id, path, n, score, top_k, per_context, int(drop_self), chunk_size)
-        row = self.con.execute("SELECT id FROM runs WHERE model=? AND path=? AND n=? AND score=? AND top_k=? AND "
-                               "per_context=? AND drop_self=? AND chunk_size=? AND status='running' "
-                               "ORDER BY id DESC", key).fetchone()
-        if row:
-            return Run(self, row[0])
-        with self.con:
-            cur = self.con.execute("INSERT INTO runs(model, path, n, score, top_k, per_context, drop_self, chunk_size, "
-                                   "num_chunks, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-                                   (*key, num_chunks, _now()))
-        return Run(self, cur.lastrowid)
+                  drop_self: bool, chunk_size: int, num_chunks: int, selection: str = "",
+                  recompute: bool = False) -> Run:
+        """The finished run with these settings (`Run.finished`; unless `recompute`), else the
+        unfinished one with the same chunk size (to resume), else a new one."""
+        same = (model_id, path, n, score, top_k, per_context, int(drop_self), selection)
+        with self._write() as con:
+            if not recompute:
+                row = con.execute(f"SELECT id FROM runs WHERE {self._SAME} AND status='done' ORDER BY id DESC",
+                                  same).fetchone()
+                if row:
+                    return Run(self, row[0], finished=True)
+            row = con.execute(f"SELECT id FROM runs WHERE {self._SAME} AND chunk_size=? AND status='running' "
+                              "ORDER BY id DESC", (*same, chunk_size)).fetchone()
+            if row:
+                return Run(self, row[0])
+            cur = con.execute("INSERT INTO runs(model, path, n, score, top_k, per_context, drop_self, selection, "
+                              "chunk_size, num_chunks, status, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                              "'running', ?)", (*same, chunk_size, num_chunks, _now()))
+            return Run(self, cur.lastrowid)
+
+    def unfinished_runs(self, model_id: int, path: str, *, n: int = 2, score: str, top_k: int, per_context: int,
+                        drop_self: bool, selection: str = "") -> list[tuple[int, int, int, int]]:
+        """(run id, chunk size, chunks done, number of chunks) of unfinished runs with these settings."""
+        return self.con.execute(
+            f"SELECT r.id, r.chunk_size, (SELECT COUNT(*) FROM chunks c WHERE c.run = r.id), r.num_chunks FROM runs r "
+            f"WHERE {self._SAME} AND status='running' ORDER BY id",
+            (model_id, path, n, score, top_k, per_context, int(drop_self), selection)).fetchall()
+
+    def chunks_done(self, run_id: int) -> int:
+        return self.con.execute("SELECT COUNT(*) FROM chunks WHERE run=?", (run_id,)).fetchone()[0]
 
     def finish_run(self, run: Run, table) -> None:
-        """Store the final top-K of a complete table and drop the run's candidates."""
-        with self.con:
-            self.con.execute("DELETE FROM ngrams WHERE run=? AND scope IN ('cand', 'top')", (run.id,))
+        """Store the final top-K of a complete table, drop the run's candidates and any older finished
+        run with the same settings (a recomputation replaces it). A no-op if another process finished
+        the run first."""
+        with self._write() as con:
+            row = con.execute("SELECT model, path, n, score, top_k, per_context, drop_self, selection, status "
+                              "FROM runs WHERE id=?", (run.id,)).fetchone()
+            if row is None or row[-1] == "done":
+                return
+            con.execute("DELETE FROM ngrams WHERE run=? AND scope IN ('cand', 'top')", (run.id,))
             if table.n == 2:
                 rows = [(run.id, r[0], r[1], r[2], None, r[3], r[4]) for r in table.top]
             else:
                 rows = [(run.id, r[0], r[1], r[2], r[3], r[4], r[5]) for r in table.top]
-            self.con.executemany("INSERT INTO ngrams(run, scope, rank, t1, t2, t3, logit, logprob) "
-                                 "VALUES (?, 'top', ?, ?, ?, ?, ?, ?)", rows)
-            self.con.execute("UPDATE runs SET status='done' WHERE id=?", (run.id,))
+            con.executemany("INSERT INTO ngrams(run, scope, rank, t1, t2, t3, logit, logprob) "
+                            "VALUES (?, 'top', ?, ?, ?, ?, ?, ?)", rows)
+            con.execute("UPDATE runs SET status='done' WHERE id=?", (run.id,))
+            for (old,) in con.execute(f"SELECT id FROM runs WHERE {self._SAME} AND status='done' AND id != ?",
+                                      (*row[:-1], run.id)).fetchall():
+                self._delete_run(con, old)
 
-    def save_table(self, model_id: int, table, *, top_k: int, per_context: int = 0, drop_self: bool = False) -> int:
+    @staticmethod
+    def _delete_run(con, run_id: int) -> None:
+        con.execute("DELETE FROM ngrams WHERE run=?", (run_id,))
+        con.execute("DELETE FROM chunks WHERE run=?", (run_id,))
+        con.execute("DELETE FROM runs WHERE id=?", (run_id,))
+
+    def save_table(self, model_id: int, table, *, top_k: int, per_context: int = 0, drop_self: bool = False,
+                   selection: str = "", recompute: bool = False) -> int:
         """Store a table computed without a checkpoint (e.g. trigrams) as a finished run."""
         run = self.start_run(model_id, table.path, n=table.n, score=table.score, top_k=top_k,
-                             per_context=per_context, drop_self=drop_self, chunk_size=0, num_chunks=0)
+                             per_context=per_context, drop_self=drop_self, chunk_size=0, num_chunks=0,
+                             selection=selection, recompute=recompute)
+        if run.finished:
+            return run.id
         if table.per_context:
             run.save(0, [], table.per_context)
         self.finish_run(run, table)
         return run.id
+
+    def table(self, run_id: int):
+        """The stored final table of a finished run (an `NgramTable`)."""
+        from .ngrams import NgramTable
+
+        info = self.run(run_id)
+        rows = self.con.execute("SELECT rank, t1, t2, t3, logit, logprob FROM ngrams WHERE run=? AND scope='top' "
+                                "ORDER BY rank", (run_id,)).fetchall()
+        top = [(r[0], r[1], r[2], r[4], r[5]) if info.n == 2 else tuple(r) for r in rows]
+        ctx = self.con.execute("SELECT t1, rank, t2, logit, logprob FROM ngrams WHERE run=? AND scope='context' "
+                               "ORDER BY t1, rank", (run_id,)).fetchall()
+        num = self.con.execute("SELECT num_chunks FROM runs WHERE id=?", (run_id,)).fetchone()[0] or 0
+        return NgramTable(info.path, info.n, info.score, top=top, per_context=ctx, complete=info.status == "done",
+                          chunks_done=self.chunks_done(run_id), num_chunks=num)
 
     def runs(self) -> list[RunInfo]:
         rows = self.con.execute(
@@ -254,10 +463,12 @@ class NgramDB:
 
     # mass index ------------------------------------------------------------------------------
     def add_mass(self, model_id: int, name: str, result: dict) -> None:
-        with self.con:
-            self.con.execute("INSERT INTO masses VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (model_id, result["path"], name, result["mass"], result["mean_per_source"],
-                              result["pairs"], _now()))
+        """Record a mass index; it replaces an earlier one of the same model, path and pair set."""
+        with self._write() as con:
+            con.execute("DELETE FROM masses WHERE model=? AND path=? AND name=?", (model_id, result["path"], name))
+            con.execute("INSERT INTO masses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (model_id, result["path"], name, result["mass"], result["mean_per_source"],
+                         result["pairs"], _now()))
 
     def masses(self) -> list[tuple]:
         return self.con.execute("SELECT m.name, m.weights_hash, x.path, x.name, x.mass, x.mean_per_source, x.pairs "
@@ -266,18 +477,34 @@ class NgramDB:
 
 def extract(db: NgramDB, gm, path: str = "embed", *, name: str | None = None, top_k: int = 1000,
             per_context: int = 0, score: str = "logprob", drop_self: bool = False, chunk_size: int = 2048,
-            progress: bool = True, max_chunks: int | None = None):
-    """Compute (or resume) a bigram table into `db`; returns (run id, table)."""
+            progress: bool = True, max_chunks: int | None = None, recompute: bool = False):
+    """Compute, resume or reuse a bigram table in `db`; returns (run id, table).
+
+    A finished run with the same settings is reused (`table.reused`; nothing is computed) unless
+    `recompute`, whose new run replaces it once complete. An unfinished one with the same chunk
+    size is resumed. Ctrl-C raises `RunInterrupted` (a KeyboardInterrupt) after the last finished
+    chunk is committed.
+    """
     from . import ngrams as N
 
     p = N.parse_path(gm, path)
+    if p.n != 2:
+        raise InputError(f"{p.name} is a trigram path: use ngrams.trigram_table and NgramDB.save_table")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     model_id = db.add_model(gm, name)
-    ev_sources = N.PathEvaluator(gm, p).sources
-    num_chunks = -(-ev_sources // chunk_size)
+    num_chunks = -(-N.PathEvaluator(gm, p).sources // chunk_size)
     run = db.start_run(model_id, p.name, n=2, score=score, top_k=top_k, per_context=per_context,
-                       drop_self=drop_self, chunk_size=chunk_size, num_chunks=num_chunks)
-    table = N.bigram_table(gm, p.name, top_k=top_k, per_context=per_context, score=score, drop_self=drop_self,
-                           chunk_size=chunk_size, progress=progress, checkpoint=run, max_chunks=max_chunks)
-    if table.complete:
-        db.finish_run(run, table)
+                       drop_self=drop_self, chunk_size=chunk_size, num_chunks=num_chunks, recompute=recompute)
+    if run.finished:
+        table = db.table(run.id)
+        table.reused = True
+        return run.id, table
+    try:
+        table = N.bigram_table(gm, p.name, top_k=top_k, per_context=per_context, score=score, drop_self=drop_self,
+                               chunk_size=chunk_size, progress=progress, checkpoint=run, max_chunks=max_chunks)
+        if table.complete:
+            db.finish_run(run, table)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run.id, p.name, db.chunks_done(run.id), num_chunks, db.path) from None
     return run.id, table

@@ -186,6 +186,14 @@ def _as_ids(tokens, sources: int, name: str) -> torch.Tensor:
     return t
 
 
+def _scratch_rows(device: torch.device, width: int) -> int:
+    """Rows of the log-sum-exp scratch buffer: 64 on a CPU (they stay in cache); on a GPU as many as
+    fit in 256 MB of float32, so that a chunk takes a few large kernels, not hundreds of small ones."""
+    if torch.device(device).type == "cpu":
+        return 64
+    return max(64, (1 << 26) // max(1, width))
+
+
 # ---------------------------------------------------------------------------------------------
 # bigram tables
 
@@ -203,16 +211,18 @@ class NgramTable:
     complete: bool = True
     chunks_done: int = 0
     num_chunks: int = 0
+    reused: bool = False  # read from a finished run in the database, not computed
 
 
 class RunningTopK:
-    """Global top-K over streamed (score, payload) candidates, with a threshold for pruning."""
+    """Global top-K over streamed (score, payload) candidates, with a threshold for pruning.
+    Scores are float64: log-probabilities of 1 − 1e-40 must stay apart."""
 
     def __init__(self, k: int, width: int, device):
         self.k = k
-        self.scores = torch.empty(0, device=device)
+        self.scores = torch.empty(0, device=device, dtype=torch.float64)
         self.rows = torch.empty(0, width, dtype=torch.long, device=device)
-        self.extra = torch.empty(0, 2, device=device)
+        self.extra = torch.empty(0, 2, device=device, dtype=torch.float64)
 
     @property
     def threshold(self) -> float:
@@ -221,32 +231,65 @@ class RunningTopK:
     def add(self, scores: torch.Tensor, rows: torch.Tensor, extra: torch.Tensor):
         if scores.numel() == 0:
             return
-        s = torch.cat([self.scores, scores.float()])
+        s = torch.cat([self.scores, scores.double()])
         r = torch.cat([self.rows, rows])
-        e = torch.cat([self.extra, extra.float()])
+        e = torch.cat([self.extra, extra.double()])
         k = min(self.k, s.numel())
-        # ties broken by row ids for determinism
-        order = torch.argsort(s, descending=True, stable=True)[:k]
+        # ties broken by the row ids, so that the result does not depend on the order candidates
+        # arrive in (a resumed run sees its chunks in another order than an uninterrupted one)
+        order = torch.arange(s.numel(), device=s.device)
+        for col in reversed(range(r.shape[1])):
+            order = order[torch.argsort(r[order, col], stable=True)]
+        order = order[torch.argsort(s[order], descending=True, stable=True)][:k]
         self.scores, self.rows, self.extra = s[order], r[order], e[order]
 
 
-def _row_logsumexp(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logsumexp, max) of every row of z, in row blocks that stay in cache (no z-sized temporary:
-    `torch.logsumexp` allocates two, and is 3× slower on CPU)."""
-    lse = torch.empty(z.shape[0], device=z.device, dtype=z.dtype)
-    mx = torch.empty_like(lse)
+def _row_log_normalizer(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, δ) of every row of z, with log softmax(z)_u = (z_u − m) − δ: m the row's maximum (z's
+    dtype) and δ = log1p(Σ_{u ≠ argmax} exp(z_u − m)) in float64.
+
+    Why not z − logsumexp(z): when one entry dominates (P ≈ 1, e.g. v→v on tied embeddings) the
+    others sum to less than float32's resolution next to it, logsumexp rounds to m, and every such
+    log-probability comes out exactly 0 — a ranking by log-probability then cannot be read (on
+    SmolLM2's `embed` path the others sum to e^-150 of the maximum, far below float32's range). So
+    the other entries are summed relative to the second largest m₂, log Σ' = (m₂ − m) + log Σ_{u ≠
+    argmax} e^{z_u − m₂}, and δ = log1p(e^{log Σ'}) is formed in float64 (exact down to 1e-308).
+    Computed in row blocks that stay in cache (no z-sized temporary: `torch.logsumexp` allocates
+    two, and is 3× slower on CPU).
+    """
+    m_all = torch.empty(z.shape[0], device=z.device, dtype=z.dtype)
+    delta = torch.empty(z.shape[0], device=z.device, dtype=torch.float64)
     b = scratch.shape[0]
     for i in range(0, z.shape[0], b):
         zz = z[i:i + b]
-        m = zz.amax(1, keepdim=True)
+        m, arg = zz.max(1, keepdim=True)
         t = scratch[: zz.shape[0], : zz.shape[1]].to(zz.dtype)
         torch.sub(zz, m, out=t)
-        # below -80, exp() underflows into denormals, which CPUs compute ~10× slower; their sum
-        # is < V·e^-80 ≈ 1e-30 relative to the max term, so clamping changes nothing measurable
-        t.clamp_min_(-80.0).exp_()
-        lse[i:i + b] = t.sum(1).log_() + m.squeeze(1)
-        mx[i:i + b] = m.squeeze(1)
-    return lse, mx
+        t.scatter_(1, arg, -math.inf)  # the maximum apart: it is the 1 of log1p
+        m2 = t.amax(1, keepdim=True).clamp_min_(-1e30)  # the second largest, relative to m (finite: a row
+        # whose other entries are all -inf gets δ = 0)
+        # below -80, exp() underflows into denormals, which CPUs compute ~10× slower; relative to
+        # the second largest entry (a term 1), clamping changes the sum by < V·e^-80 ≈ 1e-30
+        t.sub_(m2).clamp_min_(-80.0).exp_()
+        t.scatter_(1, arg, 0.0)
+        log_rest = m2.squeeze(1).double() + t.sum(1).double().log()
+        delta[i:i + b] = log_rest.exp().log1p()
+        m_all[i:i + b] = m.squeeze(1)
+    return m_all, delta
+
+
+def _log_normalizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_row_log_normalizer` with its own scratch rows."""
+    return _row_log_normalizer(z, torch.empty(min(64, z.shape[0]), z.shape[1], device=z.device, dtype=z.dtype))
+
+
+def _lowered(theta: float, b32: torch.Tensor) -> torch.Tensor:
+    """Per row, a float32 threshold below `theta` by more than the rounding of the float32 scores
+    (z − m) − δ₃₂ (a few ulps of |θ| and of δ): every entry whose exact score reaches `theta`
+    passes it. Candidates are then scored exactly (float64)."""
+    eps = torch.finfo(torch.float32).eps
+    low = theta - 4 * eps * (abs(theta) + 2 * b32.double().abs()) - 1e-44
+    return low.to(b32.dtype)
 
 
 def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1000, per_context: int = 0,
@@ -255,10 +298,11 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
     """Full-vocabulary bigram table of `path`: global top-K pairs and per-source top-n.
 
     Streams source tokens in chunks of `chunk_size` (never a V×V tensor). `checkpoint` (an object
-    with `done() -> set[int]`, `load() -> rows`, `save(chunk, cand_rows, ctx_rows)`, as
-    `jetfx.ngram_db.Run` provides) makes the run resumable: finished chunks are skipped and their
-    stored candidates merged. `max_chunks` stops after that many new chunks (the table is then
-    marked incomplete), which is how an interruption is simulated in tests.
+    with `done() -> set[int]`, `is_done(chunk)`, `load() -> rows`, `save(chunk, cand_rows, ctx_rows)`,
+    as `jetfx.ngram_db.Run` provides) makes the run resumable: finished chunks are skipped (also
+    those another process finishes meanwhile), and the final table is ranked from the candidates
+    of every saved chunk, so that it is the same however often the run was interrupted.
+    `max_chunks` stops after that many new chunks (the table is then marked incomplete).
     """
     if score not in SCORES:
         raise InputError(f"score must be one of {SCORES}, got {score!r}")
@@ -281,16 +325,16 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
         cand, ctx = checkpoint.load()
         if cand and running is not None:
             c = torch.tensor([r[:2] for r in cand], dtype=torch.long, device=device)
-            e = torch.tensor([r[2:4] for r in cand], dtype=torch.float32, device=device)
+            e = torch.tensor([r[2:4] for r in cand], dtype=torch.float64, device=device)
             running.add(e[:, 0 if score == "logit" else 1], c, e)
         table.per_context.extend(ctx)
     bar = _progress(len(chunks), progress, f"bigrams {ev.path.name}", initial=len(done))
     buf = None
-    scratch = torch.empty(64, V, device=device)
+    scratch = torch.empty(_scratch_rows(device, V), V, device=device)
     new = 0
     try:
         for ci, chunk in enumerate(chunks):
-            if ci in done:
+            if ci in done or (checkpoint is not None and checkpoint.is_done(ci)):  # by us before, or by another process
                 continue
             if max_chunks is not None and new >= max_chunks:
                 table.complete = False
@@ -304,43 +348,56 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
                 else:
                     z = hidden
                 rows_src = chunk.to(device)
-                lse, row_max = _row_logsumexp(z, scratch)  # P(u|v) is normalized over every u
+                # P(u|v) is normalized over every u: log P = (z − m) − δ, δ in float64
+                m, delta = _row_log_normalizer(z, scratch)
+                row_max = m
                 if drop_self:
                     self_idx = rows_src[rows_src < V]
                     pos = torch.nonzero(rows_src < V).flatten()
                     saved = z[pos, self_idx].clone()
                     z[pos, self_idx] = -math.inf
                     row_max = z.amax(1)
-                shift = lse if score == "logprob" else torch.zeros_like(lse)
+                # candidates are picked by float32 scores (z − a) − b (a = m, b = δ for
+                # log-probabilities, 0 for logits) against a threshold lowered by their rounding,
+                # then scored exactly in float64
+                a = m if score == "logprob" else torch.zeros_like(m)
+                b = delta.to(z.dtype) if score == "logprob" else torch.zeros_like(m)
                 cand_rows, ctx_rows = [], []
                 if running is not None:
-                    theta = running.threshold
-                    best = row_max - shift  # each row's best score: rows below θ hold no candidate
+                    theta = exact = running.threshold
+                    best = (row_max - a) - b  # each row's best score: rows below θ hold no candidate
+                    k = min(top_k, z.numel())
+                    if theta == -math.inf and best.numel() >= k:
+                        # k rows reach the k-th best row maximum: a valid bound
+                        theta = float(torch.topk(best, k).values[-1])
                     if theta == -math.inf:
-                        k = min(top_k, z.numel())
-                        if best.numel() >= k:  # k rows reach the k-th best row maximum: a valid bound
-                            theta = float(torch.topk(best, k).values[-1])
-                            theta = math.nextafter(theta, -math.inf)
-                    if theta == -math.inf:
-                        vals, flat = torch.topk((z - shift[:, None]).flatten(), k)
-                        r, u = flat // V, flat % V
+                        scores32 = (z - a[:, None]) - b[:, None]
+                        theta = float(torch.topk(scores32.flatten(), k).values[-1])
+                        r, u = torch.nonzero(scores32 >= _lowered(theta, b)[:, None], as_tuple=True)
+                        del scores32
                     else:
-                        rows = torch.nonzero(best > theta).flatten()
-                        rr, u = torch.nonzero(z[rows] > (shift[rows] + theta)[:, None], as_tuple=True)
+                        low = _lowered(theta, b)
+                        rows = torch.nonzero(best >= low).flatten()
+                        rr, u = torch.nonzero((z[rows] - a[rows, None]) - b[rows, None] >= low[rows, None],
+                                              as_tuple=True)
                         r = rows[rr]
-                        vals = z[r, u] - shift[r]
+                    logit = z[r, u].double()
+                    logprob = (logit - m[r].double()) - delta[r]
+                    vals = logprob if score == "logprob" else logit
+                    if exact > -math.inf:  # the margin let in entries that cannot enter the top-K
+                        keep = vals > exact
+                        r, u, logit, logprob, vals = r[keep], u[keep], logit[keep], logprob[keep], vals[keep]
                     pairs = torch.stack([rows_src[r], u], 1)
-                    extra = torch.stack([z[r, u], z[r, u] - lse[r]], 1)
+                    extra = torch.stack([logit, logprob], 1)
                     running.add(vals, pairs, extra)
                     if checkpoint is not None:
                         cand_rows = [tuple(p) + tuple(e) for p, e in zip(pairs.tolist(), extra.tolist())]
                 if per_context:
                     n = min(per_context, V)
                     vals, u = torch.topk(z, n, dim=1)
-                    lp = vals - lse[:, None]
-                    for i, s in enumerate(chunk.tolist()):
-                        for j in range(n):
-                            ctx_rows.append((s, j + 1, int(u[i, j]), float(vals[i, j]), float(lp[i, j])))
+                    lp = (vals.double() - m.double()[:, None]) - delta[:, None]
+                    for s, us, ls, lps in zip(chunk.tolist(), u.tolist(), vals.tolist(), lp.tolist()):
+                        ctx_rows.extend((s, j + 1, us[j], ls[j], lps[j]) for j in range(n))
                 if drop_self:
                     z[pos, self_idx] = saved
             table.per_context.extend(ctx_rows)
@@ -351,6 +408,17 @@ def bigram_table(gm: fx.GraphModule, path: str = ENCODER_PATH, *, top_k: int = 1
     finally:
         bar.close()
     table.chunks_done = len(done) + new
+    if checkpoint is not None:
+        table.chunks_done = len(checkpoint.done())
+        if table.chunks_done == len(chunks):  # the whole table, ranked from every saved chunk
+            table.complete = True
+            cand, table.per_context = checkpoint.load()
+            if running is not None:
+                running = RunningTopK(top_k, 2, device)
+                if cand:
+                    c = torch.tensor([r[:2] for r in cand], dtype=torch.long, device=device)
+                    e = torch.tensor([r[2:4] for r in cand], dtype=torch.float64, device=device)
+                    running.add(e[:, 0 if score == "logit" else 1], c, e)
     if running is not None:
         for i, ((v, u), (lg, lp)) in enumerate(zip(running.rows.tolist(), running.extra.tolist())):
             table.top.append((i + 1, v, u, lg, lp))
@@ -376,7 +444,7 @@ def _progress(total: int, enabled: bool, desc: str, initial: int = 0):
 
 @torch.no_grad()
 def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
-    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor."""
+    """(logit, logprob) of given (context…, target) tuples under `path`: a (P, 2) tensor on the model's device."""
     ev = PathEvaluator(gm, path)
     t = torch.as_tensor(pairs, dtype=torch.long)
     if t.dim() != 2 or t.shape[1] != ev.path.n:
@@ -384,15 +452,17 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
     _as_ids(t[:, :-1], ev.sources, "contexts")
     _as_ids(t[:, -1], ev.vocab, "targets")
     ctx, inv = torch.unique(t[:, :-1], dim=0, return_inverse=True)
-    out = torch.empty(t.shape[0], 2)
+    # scored on the model's device; only the (P, 2) scores come back (not 1024 × V logits per block)
+    t, inv = t.to(ev.device), inv.to(ev.device)
+    out = torch.empty(t.shape[0], 2, dtype=torch.float64, device=ev.device)
     for i in range(0, ctx.shape[0], 1024):
-        z = ev.logits(ctx[i:i + 1024]).float().cpu()
-        lse = torch.logsumexp(z, 1)
+        z = ev.logits(ctx[i:i + 1024]).float()
+        m, delta = _log_normalizer(z)
         sel = (inv >= i) & (inv < i + 1024)
         rows = inv[sel] - i
         tg = t[sel, -1]
-        out[sel, 0] = z[rows, tg]
-        out[sel, 1] = z[rows, tg] - lse[rows]
+        out[sel, 0] = z[rows, tg].double()
+        out[sel, 1] = (z[rows, tg].double() - m[rows].double()) - delta[rows]
     return out
 
 
@@ -400,6 +470,7 @@ def pair_scores(gm: fx.GraphModule, path: str, pairs) -> torch.Tensor:
 # trigrams
 
 
+@torch.no_grad()
 def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top_k: int = 100,
                   score: str = "logit", prune: bool = True, batch: int = 4096, groups: int | None = None,
                   num_heads: int | None = None, progress: bool = False) -> NgramTable:
@@ -433,7 +504,7 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
     bar = _progress(math.ceil(a.numel() / rows_per), progress, f"trigrams {ev.path.name}")
     for i in range(0, a.numel(), rows_per):
         v1 = a[i:i + rows_per]
-        ctx = torch.stack([v1.repeat_interleave(b.numel()), b.repeat(v1.numel())], 1)
+        ctx = torch.stack([v1.repeat_interleave(b.numel()), b.repeat(v1.numel())], 1).to(device)
         hid = ev.hidden(ctx).float()
         stats["contexts"] += ctx.shape[0]
         if prune:
@@ -444,10 +515,10 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
                 idx = idx[bound[idx] > running.threshold]
                 if idx.numel() == 0:
                     break
-                _score_contexts(ev, hid[idx], ctx[idx].to(device), running, score)
+                _score_contexts(ev, hid[idx], ctx[idx], running, score)
                 stats["evaluated"] += idx.numel()
         else:
-            _score_contexts(ev, hid, ctx.to(device), running, score)
+            _score_contexts(ev, hid, ctx, running, score)
             stats["evaluated"] += ctx.shape[0]
         bar.update(1)
     bar.close()
@@ -459,13 +530,16 @@ def trigram_table(gm: fx.GraphModule, path: str, *, first=None, second=None, top
 
 def _score_contexts(ev, hid, ctx, running, score):
     z = ev.decoder.logits(hid.to(ev.decoder.W.dtype) if ev.decoder.W is not None else hid).float()
-    lse = torch.logsumexp(z, 1)
-    s = z if score == "logit" else z - lse[:, None]
+    m, delta = _log_normalizer(z)
+    b = delta.float() if score == "logprob" else torch.zeros_like(m)
+    s = z if score == "logit" else (z - m[:, None]) - b[:, None]  # float32: picks candidates (bigram_table)
     k = min(running.k, s.numel())
-    vals, flat = torch.topk(s.flatten(), k)
-    r, u = flat // z.shape[1], flat % z.shape[1]
+    theta = float(torch.topk(s.flatten(), k).values[-1])
+    r, u = torch.nonzero(s >= _lowered(theta, b)[:, None], as_tuple=True)
+    logit = z[r, u].double()
+    logprob = (logit - m[r].double()) - delta[r]
     rows = torch.cat([ctx[r], u[:, None]], 1)
-    running.add(vals, rows, torch.stack([z[r, u], z[r, u] - lse[r]], 1))
+    running.add(logprob if score == "logprob" else logit, rows, torch.stack([logit, logprob], 1))
 
 
 def _balls(W: torch.Tensor, groups: int | None, iters: int = 8):
@@ -510,9 +584,16 @@ def load_keywords(path) -> list[str]:
     from pathlib import Path
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"keyword file {str(p)!r} does not exist")
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not p.is_file():
+        raise InputError(f"keyword file {str(p)!r} does not exist" if not p.exists() else f"{str(p)!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"keyword file {str(p)!r} is not UTF-8 text; give one keyword a line") from None
+    words = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not words:
+        raise InputError(f"keyword file {str(p)!r} holds no keywords; give one keyword a line ('#' starts a comment)")
+    return words
 
 
 def default_keywords_file():

@@ -77,9 +77,22 @@ ACCEPT_ALL = _Special("ACCEPT_ALL")  # every extension of this prefix is selecte
 
 
 class PathFilter:
-    """A selection of paths, read as an automaton over the choices at each step."""
+    """A selection of paths, read as an automaton over the choices at each step.
+
+    `patterns` are the block-name patterns a filter was built with and `parts` the filters it combines:
+    `check(structure)` refuses a pattern that matches no block of the model (a typo would otherwise
+    select nothing, or everything, silently).
+    """
 
     description = "paths"
+    patterns: tuple[str, ...] = ()
+    parts: tuple = ()
+
+    def check(self, structure: ResidualStructure) -> None:
+        """Raise `ExpansionError` if the filter names blocks the model does not have."""
+        for part in self.parts:
+            part.check(structure)
+        check_patterns(self.patterns, structure, self.description)
 
     def start(self):
         return ()
@@ -120,6 +133,7 @@ class PathFilter:
 class _And(PathFilter):
     def __init__(self, a, b):
         self.a, self.b = a, b
+        self.parts = (a, b)
         self.description = f"({a!r} & {b!r})"
 
     @staticmethod
@@ -143,6 +157,7 @@ class _And(PathFilter):
 class _Or(PathFilter):
     def __init__(self, a, b):
         self.a, self.b = a, b
+        self.parts = (a, b)
         self.description = f"({a!r} | {b!r})"
 
     @staticmethod
@@ -166,6 +181,7 @@ class _Or(PathFilter):
 class _Not(PathFilter):
     def __init__(self, a):
         self.a = a
+        self.parts = (a,)
         self.description = f"~{a!r}"
 
     @staticmethod
@@ -227,9 +243,10 @@ class _MinBlocks(PathFilter):
 class _BlockPredicate(PathFilter):
     """Every block on the path satisfies `ok` (skip connections always do)."""
 
-    def __init__(self, ok: Callable[[Block], bool], description: str):
+    def __init__(self, ok: Callable[[Block], bool], description: str, patterns: tuple[str, ...] = ()):
         self.ok = ok
         self.description = description
+        self.patterns = patterns
 
     def advance(self, state, step, choice):
         if choice is None or self.ok(choice):
@@ -262,9 +279,25 @@ class _Prefixes(PathFilter):
     """Exactly the given paths (the state is the prefix read so far)."""
 
     def __init__(self, paths: Iterable[tuple[str, ...]]):
-        self.paths = {tuple(p) for p in paths}
+        given = [tuple(p) for p in paths]
+        self.paths = set(given)
+        if len(self.paths) != len(given):
+            dup = next(p for p in given if given.count(p) > 1)
+            raise ExpansionError(f"the path {path_name(dup)!r} is given twice; name each path once")
         self.prefixes = {p[:i] for p in self.paths for i in range(len(p) + 1)}
         self.description = f"paths({len(self.paths)} given)"
+
+    def check(self, structure: ResidualStructure) -> None:
+        steps = {b.name: b.step for b in structure.blocks}
+        for p in sorted(self.paths):
+            unknown = [b for b in p if b not in steps]
+            if unknown:
+                raise ExpansionError(f"the path {path_name(p)!r} names {unknown[0]!r}, which is not a block of this "
+                                     f"model; blocks are {_some_blocks(structure)}")
+            order = [steps[b] for b in p]
+            if any(b <= a for a, b in zip(order, order[1:])):
+                raise ExpansionError(f"the path {path_name(p)!r} is not a path of this model: its blocks must "
+                                     "follow the residual steps in order, one block per step")
 
     def advance(self, state, step, choice):
         if choice is None:
@@ -292,6 +325,46 @@ def _matches(block: Block, pattern: str) -> bool:
     return fnmatch.fnmatchcase(block.name, pattern) or fnmatch.fnmatchcase(block.qualname, pattern)
 
 
+def _some_blocks(structure: ResidualStructure) -> str:
+    names = [b.name for b in structure.blocks]
+    return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:4])}, …, {names[-1]}"
+
+
+def check_patterns(patterns: Iterable[str], structure: ResidualStructure, where: str) -> None:
+    """Every pattern must match some block (shell-style, on the block's name or module path)."""
+    for p in patterns:
+        if not any(_matches(b, p) for b in structure.blocks):
+            raise ExpansionError(f"the pattern {p!r} in {where} matches no block of this model; blocks are "
+                                 f"{_some_blocks(structure)} (patterns are shell-style: 'layers.3.*', '*.mlp')")
+
+
+def as_patterns(patterns, what: str) -> tuple[str, ...]:
+    """Validate the block-name patterns given to a filter: at least one, each a non-empty string."""
+    if len(patterns) == 1 and isinstance(patterns[0], (list, tuple)):
+        patterns = tuple(patterns[0])
+    if not patterns:
+        raise ExpansionError(f"{what}() needs at least one block name or pattern, e.g. {what}('layers.3.*')")
+    bad = [p for p in patterns if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ExpansionError(f"{what}() takes block names or shell-style patterns (non-empty strings), got {bad[0]!r}")
+    return tuple(patterns)
+
+
+def _count_arg(n, what: str) -> int:
+    """A number of blocks: a non-negative integer (numpy integers too; bools and floats refused)."""
+    if not isinstance(n, bool):
+        try:
+            import numpy as np
+
+            if isinstance(n, np.integer):
+                n = int(n)
+        except ImportError:  # pragma: no cover - numpy comes with torch
+            pass
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ExpansionError(f"{what}(n) needs a non-negative integer number of blocks, got {n!r}")
+    return n
+
+
 def all_paths() -> PathFilter:
     """Every path (the default)."""
     return _AllPaths()
@@ -299,12 +372,12 @@ def all_paths() -> PathFilter:
 
 def max_blocks(n: int) -> PathFilter:
     """Paths through at most n blocks (n = 0: the encoder→decoder path only)."""
-    return _MaxBlocks(int(n))
+    return _MaxBlocks(_count_arg(n, "max_blocks"))
 
 
 def min_blocks(n: int) -> PathFilter:
     """Paths through at least n blocks."""
-    return _MinBlocks(int(n))
+    return _MinBlocks(_count_arg(n, "min_blocks"))
 
 
 def only_kinds(*kinds: str) -> PathFilter:
@@ -326,25 +399,33 @@ def no_attention() -> PathFilter:
 
 def avoid(*patterns: str) -> PathFilter:
     """Paths through no block whose name matches a pattern (shell-style: "h.*.attn")."""
-    return _BlockPredicate(lambda b: not any(_matches(b, p) for p in patterns), f"avoid({', '.join(map(repr, patterns))})")
+    patterns = as_patterns(patterns, "avoid")
+    return _BlockPredicate(lambda b: not any(_matches(b, p) for p in patterns), f"avoid({', '.join(map(repr, patterns))})",
+                           patterns)
 
 
 def within(*patterns: str) -> PathFilter:
     """Paths whose blocks all match one of the patterns."""
-    return _BlockPredicate(lambda b: any(_matches(b, p) for p in patterns), f"within({', '.join(map(repr, patterns))})")
+    patterns = as_patterns(patterns, "within")
+    return _BlockPredicate(lambda b: any(_matches(b, p) for p in patterns), f"within({', '.join(map(repr, patterns))})",
+                           patterns)
 
 
 def through(*patterns: str) -> PathFilter:
     """Paths through a block matching each pattern (all of them)."""
-    if not patterns:
-        raise ExpansionError("through() needs at least one block name or pattern")
-    return _Through(tuple(patterns))
+    return _Through(as_patterns(patterns, "through"))
 
 
 def paths(*given) -> PathFilter:
     """Exactly the given paths: names ("h.0.attn>h.1.mlp", "embed") or sequences of block names."""
-    if len(given) == 1 and not isinstance(given[0], (str, Path)) and not _is_name_sequence(given[0]):
+    if len(given) == 1 and isinstance(given[0], (list, tuple, set, frozenset, Iterator)) and not _is_name_sequence(given[0]):
         given = tuple(given[0])
+    if not given:
+        raise ExpansionError("paths() needs at least one path name, e.g. paths('embed', 'layers.0.mlp')")
+    for p in given:
+        if not isinstance(p, (str, Path)) and not _is_name_sequence(tuple(p) if isinstance(p, list) else p):
+            raise ExpansionError(f"a path is a name like 'layers.0.mlp>layers.3.mlp' or 'embed', a jetfx.paths.Path "
+                                 f"or a sequence of block names; got {p!r}")
     return _Prefixes(parse_path(p) for p in given)
 
 
@@ -375,10 +456,19 @@ def _as_filter(x) -> PathFilter:
         return where(x)
     if isinstance(x, (str, Path)):
         return paths(x)
-    return paths(*x)
+    if isinstance(x, (list, tuple, set, frozenset, Iterator)):
+        return paths(*x)
+    raise ExpansionError(f"paths= takes a jetfx.paths filter (e.g. jetfx.paths.max_blocks(1)), a predicate on Path, "
+                         f"a path name or a list of path names; got {type(x).__name__}")
 
 
 as_filter = _as_filter
+
+
+def _filter_parts(f: PathFilter) -> Iterator[PathFilter]:
+    for part in f.parts:
+        yield part
+        yield from _filter_parts(part)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,10 +498,16 @@ class PathGraph:
         g.add_edge(ENCODER, DECODER)
         self.graph = g
 
-    def count(self, filter=None) -> int:
-        """Number of selected paths, by dynamic programming over the filter's states."""
+    def filter(self, filter=None) -> PathFilter:
+        """`filter` as a PathFilter checked against this model (names and patterns must exist)."""
         f = _as_filter(filter)
+        f.check(self.structure)
+        return f
+
+    def _state_counts(self, f: PathFilter) -> list[Counter]:
+        """Paths reaching each filter state after 0…S steps (the dynamic program of `count`)."""
         states: Counter = Counter({f.start(): 1})
+        levels = [states]
         for step in self.structure.steps:
             new: Counter = Counter()
             for state, n in states.items():
@@ -420,12 +516,34 @@ class PathGraph:
                     if s2 is not REJECT:
                         new[s2] += n
             states = new
-        return sum(n for s, n in states.items() if f._accept(s))
+            levels.append(states)
+        return levels
+
+    def count(self, filter=None) -> int:
+        """Number of selected paths, by dynamic programming over the filter's states."""
+        f = self.filter(filter)
+        return sum(n for s, n in self._state_counts(f)[-1].items() if f._accept(s))
+
+    def _live(self, f: PathFilter) -> list[set] | None:
+        """States after each step from which some selected path can still be completed, or None where
+        the filter has too many states to tabulate (`where` filters keep the whole prefix)."""
+        if isinstance(f, _Where) or any(isinstance(p, _Where) for p in _filter_parts(f)):
+            return None
+        levels = self._state_counts(f)
+        steps = self.structure.steps
+        live = [set() for _ in levels]
+        live[-1] = {s for s in levels[-1] if f._accept(s)}
+        for i in range(len(steps) - 1, -1, -1):
+            live[i] = {s for s in levels[i]
+                       if any(f._advance(s, steps[i], c) in live[i + 1] for c in (None, *steps[i].blocks))}
+        return live
 
     def iter_paths(self, filter=None) -> Iterator[Path]:
-        """Selected paths in a fixed order (depth-first, skip before blocks), pruning rejected prefixes."""
-        f = _as_filter(filter)
+        """Selected paths in a fixed order (depth-first, skip before blocks). Only prefixes that can still
+        be completed into a selected path are followed, so listing n paths costs O(n · depth)."""
+        f = self.filter(filter)
         steps = self.structure.steps
+        live = self._live(f)
 
         def walk(i, state, prefix):
             if i == len(steps):
@@ -434,11 +552,12 @@ class PathGraph:
                 return
             for choice in (None, *steps[i].blocks):
                 s2 = f._advance(state, steps[i], choice)
-                if s2 is REJECT:
+                if s2 is REJECT or (live is not None and s2 not in live[i + 1]):
                     continue
                 yield from walk(i + 1, s2, prefix if choice is None else prefix + (choice.name,))
 
-        yield from walk(0, f.start(), ())
+        if live is None or f.start() in live[0]:
+            yield from walk(0, f.start(), ())
 
     def paths(self, filter=None, limit: int | None = None) -> list[Path]:
         """The selected paths; with `limit`, an error if there are more (counted, not enumerated)."""

@@ -114,9 +114,20 @@ class SplitPath:
 
 
 class SplitFilter:
-    """A selection of split paths. `leaf` and `split` compute a term's state from its parts'."""
+    """A selection of split paths. `leaf` and `split` compute a term's state from its parts'.
+
+    `patterns` are the block-name patterns it was built with, `parts` the filters it combines;
+    `check(structure)` refuses patterns that match no block of the model.
+    """
 
     description = "split paths"
+    patterns: tuple[str, ...] = ()
+    parts: tuple = ()
+
+    def check(self, structure) -> None:
+        for part in self.parts:
+            part.check(structure)
+        P.check_patterns(self.patterns, structure, self.description)
 
     def leaf(self, block: Block | None):
         return ()
@@ -144,6 +155,7 @@ class SplitFilter:
 class _Both(SplitFilter):
     def __init__(self, a: SplitFilter, b: SplitFilter, how):
         self.a, self.b, self.how = a, b, how
+        self.parts = (a, b)
         self.description = f"({a!r} {'&' if how is all else '|'} {b!r})"
 
     def leaf(self, block):
@@ -160,6 +172,7 @@ class _Both(SplitFilter):
 class _Not(SplitFilter):
     def __init__(self, a: SplitFilter):
         self.a = a
+        self.parts = (a,)
         self.description = f"~{a!r}"
 
     def leaf(self, block):
@@ -175,9 +188,10 @@ class _Not(SplitFilter):
 class _Every(SplitFilter):
     """Every split and block of the tree passes `ok(block, degree)` (hereditary: state is a bool)."""
 
-    def __init__(self, ok, description: str):
+    def __init__(self, ok, description: str, patterns: tuple[str, ...] = ()):
         self.ok = ok
         self.description = description
+        self.patterns = patterns
 
     def leaf(self, block):
         return block is None or self.ok(block, 0)
@@ -265,32 +279,26 @@ def total_degree(min: int = 0, max: int | None = None) -> SplitFilter:  # noqa: 
 
 def interacts_with(*patterns: str) -> SplitFilter:
     """Some split of the tree differentiates along a term that went through a matching block."""
-    if not patterns:
-        raise ExpansionError("interacts_with() needs at least one block name or pattern")
-    return _InteractsWith(tuple(patterns))
+    return _InteractsWith(P.as_patterns(patterns, "interacts_with"))
 
 
 def contains(*patterns: str) -> SplitFilter:
     """The tree (carried or interacting parts) goes through a block matching one of the patterns."""
-    if not patterns:
-        raise ExpansionError("contains() needs at least one block name or pattern")
-    return _Contains(tuple(patterns))
+    return _Contains(P.as_patterns(patterns, "contains"))
 
 
 def within(*patterns: str) -> SplitFilter:
     """Every block of the tree, carried or interacting, matches one of the patterns: a sub-network's paths."""
-    if not patterns:
-        raise ExpansionError("within() needs at least one block name or pattern")
+    patterns = P.as_patterns(patterns, "within")
     return _Every(lambda block, degree: block is None or any(P._matches(block, p) for p in patterns),
-                  f"within({', '.join(map(repr, patterns))})")
+                  f"within({', '.join(map(repr, patterns))})", patterns)
 
 
 def avoid(*patterns: str) -> SplitFilter:
     """No block of the tree, carried or interacting, matches a pattern."""
-    if not patterns:
-        raise ExpansionError("avoid() needs at least one block name or pattern")
+    patterns = P.as_patterns(patterns, "avoid")
     return _Every(lambda block, degree: block is None or not any(P._matches(block, p) for p in patterns),
-                  f"avoid({', '.join(map(repr, patterns))})")
+                  f"avoid({', '.join(map(repr, patterns))})", patterns)
 
 
 def only_kinds(*kinds: str) -> SplitFilter:
@@ -464,6 +472,12 @@ class SplitPathGraph:
             g.add_edge(P.ENCODER, b.name, kind="carry")
         self.graph = g
 
+    def filter(self, filter=None) -> SplitFilter:
+        """`filter` as a SplitFilter checked against this model (its patterns must match blocks)."""
+        f = as_split_filter(filter)
+        f.check(self.structure)
+        return f
+
     # one split step over level counts: yields (center state, others' states, number of terms)
     def _combinations(self, counts: dict, num=_Saturating) -> Iterator[tuple]:
         states = list(counts)
@@ -514,7 +528,7 @@ class SplitPathGraph:
 
         Counts grow doubly exponentially with depth; one of 10^1000 or more raises (see `log10_count`).
         """
-        f = as_split_filter(filter)
+        f = self.filter(filter)
         n = self._count(f, _Saturating)
         if n >= COUNT_CAP:
             raise ExpansionError(f"the filter {f!r} selects about 10^{self._log10(f, n):.4g} split paths, too many to "
@@ -523,17 +537,17 @@ class SplitPathGraph:
 
     def log10_count(self, filter=None) -> float:
         """log10 of the number of selected split paths (-inf for none), by the same program in log space."""
-        f = as_split_filter(filter)
+        f = self.filter(filter)
         return self._log10(f, self._count(f, _Saturating))
 
     def count_at_most(self, filter, limit: int) -> int | None:
         """The exact count if it is ≤ limit, else None (cheap even where the count is astronomically large)."""
-        n = self._count(as_split_filter(filter), _Saturating)
+        n = self._count(self.filter(filter), _Saturating)
         return n if n <= limit else None
 
     def describe(self, filter=None) -> str:
         """The count for people: exact below 10^12, ~10^X above."""
-        f = as_split_filter(filter)
+        f = self.filter(filter)
         n = self._count(f, _Saturating)
         return format_count(n if n < COUNT_CAP else None, self._log10(f, n))
 
@@ -547,7 +561,7 @@ class SplitPathGraph:
 
     def iter_paths(self, filter=None, *, max_intermediate: int = MAX_INTERMEDIATE_TERMS) -> Iterator[SplitPath]:
         """Selected split paths. Only terms whose state can still lead to a selected path are built."""
-        f = as_split_filter(filter)
+        f = self.filter(filter)
         levels = self._levels(f)
         steps = self.structure.steps
         useful = self._useful(f, levels)
@@ -713,7 +727,7 @@ def expand_split(gm: fx.GraphModule, k: int = 1, paths=None, *, degrees=None, ma
     k = check_order(k)
     structure = residual_of(gm)
     graph = SplitPathGraph(structure, k, degrees)
-    f = as_split_filter(paths)
+    f = graph.filter(paths)
     weight_of = level_weights(graph, weights)  # a bad name or vanishing weights fail before paths are counted
     if weights == "exponential":
         f = f & exponential_centers()

@@ -6,6 +6,11 @@ normalization the matrix U; non-linear blocks, decoders and their jets stay symb
 For a linear network the jet of a block is exact: J^k A(x)(y) = A·y for k ≥ 1 and A·x for k = 0,
 so after the simplex substitution w_last = 1 − Σ others the terms sum to the expanded product
 U(I + A_L)…(I + A_1)E — the paper's equation 5 — which `SymbolicExpansion.check_linear()` verifies.
+
+Stream values are named symbols h_1 … h_L with their definitions h_s = h_{s-1} + Σ γ_b(h_{s-1})
+kept aside (`definitions`): written out, h_L is a tree that doubles at every step (2^60 leaves on
+SmolLM2), while with names every term prints in time linear in the depth. `total()` and
+`check_linear()` substitute the definitions (exponential: for small networks).
 """
 
 from __future__ import annotations
@@ -28,9 +33,16 @@ class SymbolicExpansion:
 
     terms: dict[str, sympy.Expr]
     weights: list[tuple[sympy.Symbol, ...]]  # one tuple per expansion site (simplex groups)
-    streams: dict[int, sympy.Expr]  # h_s as sympy expressions
+    streams: dict[int, sympy.Expr]  # h_s: the symbol E for s = 0, the symbol h_s after
     logits: sympy.Expr  # the model's own logits, symbolically (U h_L or υ(h_L))
+    definitions: dict = field(default_factory=dict)  # h_s symbol -> h_{s-1} + Σ_b γ_b(h_{s-1})
     remainder: sympy.Symbol = field(default_factory=lambda: _nc("δ"))
+
+    def substitute_streams(self, expr: sympy.Expr) -> sympy.Expr:
+        """`expr` with every stream symbol h_s written out down to E (size doubles per step)."""
+        for sym in reversed(list(self.definitions)):
+            expr = expr.xreplace({sym: self.definitions[sym]})
+        return expr
 
     @property
     def expr(self) -> sympy.Expr:
@@ -48,17 +60,23 @@ class SymbolicExpansion:
 
     def total(self, simplex: bool = True) -> sympy.Expr:
         """Σ terms (without δ), expanded, optionally under the simplex constraint."""
-        s = sympy.Add(*self.terms.values())
+        s = self.substitute_streams(sympy.Add(*self.terms.values()))
         if simplex:
             s = s.subs(self.simplex())
         return sympy.expand(s)
 
     def check_linear(self) -> sympy.Expr:
         """Σ terms − U(I+A_L)…(I+A_1)E after the simplex substitution (0 for a linear network, k ≥ 1)."""
-        return sympy.expand(self.total(simplex=True) - sympy.expand(self.logits))
+        return sympy.expand(self.total(simplex=True) - sympy.expand(self.substitute_streams(self.logits)))
 
     def __str__(self) -> str:
-        return "\n".join(f"{name}: {sympy.sstr(e)}" for name, e in self.terms.items()) + f"\n+ {self.remainder}"
+        defs = [f"{sym} = {sympy.sstr(e)}" for sym, e in self.definitions.items()]
+        terms = [f"{name}: {sympy.sstr(e)}" for name, e in self.terms.items()]
+        return "\n".join(defs + terms) + f"\n+ {self.remainder}"
+
+    def __repr__(self) -> str:
+        return (f"SymbolicExpansion({len(self.terms)} terms over streams h_1…h_{len(self.definitions)}; "
+                "print() it for the terms)")
 
 
 class _View:
@@ -73,8 +91,11 @@ class _View:
         self.decoder_linear = not dec.has_norm and dec.unembedding is not None
         self.U = _nc("U")
         h = {0: self.E}
+        self.definitions = {}
         for step in structure.steps:
-            h[step.index + 1] = h[step.index] + sympy.Add(*[self.apply(b, h[step.index]) for b in step.blocks])
+            name = _nc(f"h_{step.index + 1}")
+            self.definitions[name] = h[step.index] + sympy.Add(*[self.apply(b, h[step.index]) for b in step.blocks])
+            h[step.index + 1] = name
         self.h = h
         L = len(structure.steps)
         self.logits = self.decode(h[L])
@@ -156,4 +177,4 @@ def symbolic_view(expanded, *, weights: str = "symbols") -> SymbolicExpansion:
     named: dict[str, sympy.Expr] = {}
     for name, e in zip(terms.names, exprs):
         named[name] = named.get(name, 0) + e
-    return SymbolicExpansion(named, view.weights, view.h, view.logits)
+    return SymbolicExpansion(named, view.weights, view.h, view.logits, view.definitions)

@@ -45,9 +45,12 @@ def stream_dependent(graph: fx.Graph, source: fx.Node) -> set[fx.Node]:
     The stream starts where token ids read a parameter (embedding lookups). Integer and boolean
     values computed from the ids alone — padding masks (`ids != pad`), position ids — and their
     float casts are side inputs, like masks computed from the shape: constants for the jets.
-    Integer values computed from the stream (expert routing) stay dependent.
+    Integer values computed from the stream (expert routing) stay dependent. A floating input
+    (a model of float features: a ViT, a residual MLP) is the stream's start itself.
     """
     tokens = value_dependent(graph, source)
+    if _floating(source):
+        return tokens
     dep = {source}
     stream: set[fx.Node] = set()
     for node in graph.nodes:

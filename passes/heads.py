@@ -135,7 +135,9 @@ def head_branch(gm: fx.GraphModule, block, head: int, num_heads: int | None = No
     if first is None:
         first = next(iter(base.module.buffers()), None)
     device = first.device if first is not None else "cpu"
-    mask = torch.zeros(width, device=device)
+    # in the weights' dtype: a float32 mask would promote a bfloat16 model's activations to float32
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    mask = torch.zeros(width, device=device, dtype=dtype)
     mask[head * split.head_dim:(head + 1) * split.head_dim] = 1.0
     owner = torch.nn.Module()
     owner.add_module("base", base.module)

@@ -142,20 +142,14 @@ class _Namer:
             p = p[len(self.strip) :] if p.startswith(self.strip) else ""
         return p
 
-    def parameters_read(self, node: fx.Node, depth: int = 4) -> int:
-        """Parameter entries behind an argument: a `get_attr`, or a transpose/view/cast of one
-        (Falcon multiplies by `numpy_T` of its weights)."""
+    def params_behind(self, node: fx.Node, depth: int = 6) -> set[str]:
+        """Parameters a constant input is made of: `get_attr` itself, or through a few ops on
+        weights (TransformerLens reshapes W_Q, W_K, W_V before its matmuls)."""
         if node.op == "get_attr":
-            try:
-                t = fetch_attr(self.gm, node.target)
-            except AttributeError:
-                return 0
-            return t.numel() if isinstance(t, torch.Tensor) else 0
-        if depth == 0 or node.op != "call_function" or node in self.dep:
-            return 0
-        if not (is_identity_like(node) or node.target in _LINEAR_SHAPE_OPS or "numpy_T" in str(node.target)):
-            return 0
-        return sum(self.parameters_read(a, depth - 1) for a in node.all_input_nodes)
+            return {node.target}
+        if node.op != "call_function" or depth == 0 or node in self.dep:
+            return set()
+        return {t for a in node.all_input_nodes for t in self.params_behind(a, depth - 1)}
 
     def qualname(self, region: set[fx.Node]) -> str:
         paths = [(n, self.path(n)) for n in region]
@@ -174,7 +168,13 @@ class _Namer:
             if len(parts) <= len(common):
                 continue
             child = parts[len(common)]
-            weight = float(sum(self.parameters_read(a) for a in n.all_input_nodes))
+            weight = 0.0
+            for target in {t for a in n.all_input_nodes if a not in region for t in self.params_behind(a)}:
+                try:
+                    t = fetch_attr(self.gm, target)
+                    weight += t.numel() if isinstance(t, torch.Tensor) else 0
+                except AttributeError:
+                    pass
             scores[child] = scores.get(child, 0.0) + weight + 1e-3  # node count breaks ties
         best = max(scores, key=scores.get) if scores else None
         # a block spanning several children of a Sequential/ModuleList, or several modules of similar

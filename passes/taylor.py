@@ -39,6 +39,7 @@ from torch import fx
 
 from ..errors import ExpansionError, check_order
 from ._graph import aten
+from .batching import map_centers
 from .decompose import data_dependent, grouped_mm
 
 __all__ = ["TaylorJet", "taylor_graph_module", "RULES", "supported_ops"]
@@ -788,10 +789,10 @@ def rule_var(ctx, node, args, kwargs):
 
 def rule_where(ctx, node, args, kwargs):
     cond, a, b = args[0], args[1], args[2]
-    if _is_series(cond):
+    if _is_series(cond) and (cond[0] is None or cond.nonzero(1)):
         raise _Unsupported
     B = ctx.b
-    cc = _cval(cond)
+    cc = cond[0] if _is_series(cond) else _cval(cond)  # a piecewise-constant condition (isnan(x)): its value
     out = [B.call(node.target, (cc, a[0] if _is_series(a) else _cval(a), b[0] if _is_series(b) else _cval(b)), name=B.cname(ctx.base, 0))]
     for j in range(1, ctx.k + 1):
         aj = a[j] if _is_series(a) else None
@@ -806,6 +807,24 @@ def rule_where(ctx, node, args, kwargs):
         else:
             out.append(B.call(aten.where.self, (cc, aj, bj), name=name))
     return Series(out)
+
+
+def rule_piecewise_constant(ctx, node, args, kwargs):
+    """Boolean- and index-valued ops (comparisons, isnan, argmax) are constant in t almost
+    everywhere: their series is op(c_0), then zeros (TransformerLens's where(isnan(p), 0, p))."""
+    def at0(a):
+        if _is_series(a):
+            if a[0] is None:
+                raise _Unsupported
+            return a[0]
+        if isinstance(a, (list, tuple)):
+            return type(a)(at0(e) for e in a)
+        return _cval(a)
+
+    B = ctx.b
+    value = B.call(node.target, tuple(at0(a) for a in args), {key: at0(v) for key, v in kwargs.items()},
+                   name=B.cname(ctx.base, 0))
+    return Series([value] + [None] * ctx.k)
 
 
 def rule_masked_fill(ctx, node, args, kwargs):
@@ -1025,6 +1044,8 @@ _register(["softmax", "_softmax", "special_softmax"], rule_softmax)
 _register(["log_softmax", "_log_softmax"], rule_log_softmax)
 _register(["var"], rule_var)
 _register(["where"], rule_where)
+_register(["isnan", "isinf", "isfinite", "isposinf", "isneginf", "eq", "ne", "gt", "ge", "lt", "le", "logical_not",
+           "logical_and", "logical_or", "logical_xor", "argmax", "argmin"], rule_piecewise_constant)
 _register(["masked_fill"], rule_masked_fill)
 _register(["constant_pad_nd"], rule_constant_pad)
 _register(["detach"], rule_identity)  # detach in an inference graph only cuts autograd
@@ -1323,12 +1344,10 @@ class TaylorJet(torch.nn.Module):
         if centers.shape[0] == 1:
             cs = [c.unsqueeze(0) for c in gm(centers[0], variate, *side)]
         else:
-            from ..jets import over_centers
-
             def one(x):
                 return tuple(gm(x, variate, *side))
 
-            cs = list(over_centers(one, centers, owner=self))
+            cs = list(map_centers(one, centers, owner=self))
         if coefficients:
             return torch.stack(cs)
         out = cs[0]

@@ -272,6 +272,8 @@ def test_bad_orders_weights_centers_and_filters():
     with pytest.raises(ExpansionError, match="out of range"):
         jetfx.jet_expand(gm, 9, jetfx.stream(gm, 0), 1)
     with pytest.raises(ExpansionError, match="selects no path"):
+        jetfx.expand(gm, k=1, paths=P.through("h.1.*") & P.max_blocks(0))
+    with pytest.raises(ExpansionError, match="'h.7.*' in through.*matches no block"):
         jetfx.expand(gm, k=1, paths=P.through("h.7.*"))
     with pytest.raises(ExpansionError, match="16 paths.*max_paths=4.*max_blocks"):
         jetfx.expand(gm, k=1, max_paths=4)

@@ -61,3 +61,21 @@ def test_bad_inputs_of_the_interaction_view():
     assert m.blocks == ["h.1.attn", "h.1.mlp"]
     with pytest.raises(jetfx.InputError, match="value must be"):
         m.matrix("norm")
+
+
+def test_checkpoint_resumes_finished_blocks_and_drops_torn_or_foreign_ones(tmp_path):
+    """The checkpoint file: blocks are read back exactly (the resumed map equals a fresh one), a
+    torn last line (a killed process) is dropped, and a file of another input starts afresh."""
+    _, gm = traced64("llama")
+    ids = tokens(batch=1, length=5)
+    fresh = interactions(gm, ids, progress=False)
+    path = tmp_path / "partial.jsonl"
+    first = interactions(gm, ids, blocks=fresh.blocks, progress=False, checkpoint=path)
+    lines = path.read_text().splitlines()
+    assert first.to_json() == fresh.to_json() and len(lines) == 1 + len(fresh.blocks)
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])  # one block, then a torn line
+    again = interactions(gm, ids, blocks=fresh.blocks, progress=False, checkpoint=path)
+    assert again.resumed == 1 and again.to_json() == fresh.to_json()
+    assert path.read_text().splitlines() == lines  # the torn line was replaced by the whole block
+    other = interactions(gm, tokens(batch=1, length=5, seed=7), blocks=fresh.blocks, progress=False, checkpoint=path)
+    assert other.resumed == 0 and path.read_text().splitlines()[0] != lines[0]

@@ -1,5 +1,5 @@
 """Jet lenses (jetfx.lens): logit lens against Hugging Face hidden states, iterative and joint jet
-lenses, weight optimization, pictures (checked in headless Chromium when installed), bad input."""
+lenses, weight optimization, pictures (checked in headless Chromium, which `make test` installs), bad input."""
 
 from __future__ import annotations
 
@@ -209,21 +209,110 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install -y chromium): "
-                                                "the HTML page cannot be rendered in a real browser")
+# Chromium as root, offline: no sandbox, no GPU, no network services, a fresh profile per run
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--force-device-scale-factor=1", "--hide-scrollbars")
+
+# appended to a copy of the page: the browser writes what it rendered into the DOM
+_PROBE = """<script>
+for (const td of document.querySelectorAll('td.cell')) {
+  const r = td.getBoundingClientRect();
+  td.setAttribute('data-rendered', getComputedStyle(td).backgroundColor);
+  td.setAttribute('data-box', [r.left, r.top, r.width, r.height].map(Math.round).join(','));
+}
+</script></body>"""
+
+
+def _png_pixels(data: bytes):
+    """(width, height, rows of RGB tuples) of an 8-bit non-interlaced RGB/RGBA PNG (what Chromium writes)."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks, idat = 8, {}, b""
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+        if kind == b"IDAT":
+            idat += body
+        else:
+            chunks[kind] = body
+    w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
+    bpp = 3 if color == 2 else 4
+    raw, stride, rows, prev = zlib.decompress(idat), w * bpp, [], bytearray(w * bpp)
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a, b, c = (line[i - bpp] if i >= bpp else 0), prev[i], (prev[i - bpp] if i >= bpp else 0)
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append([tuple(line[x * bpp:x * bpp + 3]) for x in range(w)])
+        prev = line
+    return w, h, rows
+
+
 def test_html_renders_in_chromium(models, ids, tmp_path):
+    """The lens page in a real browser: one cell per row and position, each painted in the colour of
+    its logit. `make test` installs Chromium; without it this test fails rather than skips."""
+    from jetfx.lens_view import diverging_color
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.fail("Chromium is not installed, so the HTML lens page cannot be checked in a real browser: run "
+                    "`make setup` (it installs the Debian package `chromium`) or `apt-get install -y chromium`")
     _, gm = models["llama"]
     lens = L.joint_lens(gm, ids, 1, weights="optimized", granularity="branch", steps=20)
     page = lens.save(tmp_path)["html"]
-    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(base + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60).stdout
-    assert len(re.findall(r'<td class="cell"', dom)) == len(lens.rows) * T
+    probe = tmp_path / "probed.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE), encoding="utf-8")
+
+    def run(*args):
+        profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
+        done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1000", *args],
+                              capture_output=True, text=True, timeout=120)
+        return done.stdout
+
+    dom = run("--dump-dom", probe.as_uri())
+    cells = re.findall(r'<td class="cell" style="background:(#[0-9a-f]{6});color:#[0-9a-f]{6}" title="logit ([-0-9.]+)" '
+                       r'data-rendered="rgb\((\d+), (\d+), (\d+)\)" data-box="(\d+),(\d+),(\d+),(\d+)">([^<]*)', dom)
+    R = len(lens.rows)
+    assert len(cells) == R * T, dom[:2000]
+    # the table as the browser laid it out: last row on top, positions left to right
+    vals, top = lens.row_logits[:, 0].max(-1)
+    scale = float(vals.abs().max())
+    expected = [(r, t) for r in reversed(range(R)) for t in range(T)]
+    for (style, logit, *rgb_box), (r, t) in zip(cells, expected):
+        rgb, box, text = tuple(int(v) for v in rgb_box[:3]), [int(v) for v in rgb_box[3:7]], rgb_box[7]
+        assert float(logit) == pytest.approx(float(vals[r, t]), abs=1e-3)
+        assert style == diverging_color(float(vals[r, t]), scale)
+        assert "#%02x%02x%02x" % rgb == style  # the colour the browser computed for the cell
+        assert text.startswith(lens.token_text(top[r, t : t + 1])[0].replace(" ", "␣") or "∅")
+        assert box[2] > 10 and box[3] > 10
     assert dom.count('class="final"') >= T
+    assert len({c[0] for c in cells}) > 3  # several colours: the scale is not flat
+
     shot = tmp_path / "lens.png"
-    subprocess.run(base + [f"--screenshot={shot}", "--window-size=1000,700", page.as_uri()],
-                   capture_output=True, timeout=60)
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    run(f"--screenshot={shot}", probe.as_uri())
+    width, height, pixels = _png_pixels(shot.read_bytes())
+    assert (width, height) == (1400, 1000)
+    checked = 0
+    for style, logit, *rgb_box in cells:  # the painted pixels inside each visible cell, off its text
+        x, y, w, h = (int(v) for v in rgb_box[3:7])
+        if x + w < width and y + h < height:
+            assert pixels[y + 2][x + 2] == tuple(int(style[i:i + 2], 16) for i in (1, 3, 5)), (style, x, y)
+            checked += 1
+    assert checked >= T
 
 
 def _have_smollm2():

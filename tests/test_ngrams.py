@@ -89,6 +89,37 @@ def test_bigram_scores_equal_brute_force(arch, llama, gpt2):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("scale", [50, 400])
+def test_log_probabilities_near_one_stay_apart(scale):
+    """An unembedding 50× (400×) the embedding: every v→v has P(v|v) ≈ 1 − e^-40 (1 − e^-200, below
+    float32's range, as on SmolLM2's `embed` path), where z − logsumexp(z) is exactly 0 in float32
+    and the ranking by log-probability a tie. The table's log P equals float64's
+    −log1p(Σ_{w≠v} e^{z_w − z_v}) to float32 precision, so its ranking is float64's."""
+    m, _ = _llama(seed=3)
+    m.lm_head.weight.copy_(scale * m.model.embed_tokens.weight)
+    gm = jetfx.trace(m, torch.tensor([[1, 2, 3]]))
+    z = _brute_llama(m, "embed", torch.arange(V)).double()
+    assert (z.argmax(1) == torch.arange(V)).all()  # the self-transition dominates every row
+    others = (z - z.diagonal()[:, None]).exp()
+    others.fill_diagonal_(0)
+    lp = -others.sum(1).log1p()  # log P(v|v) in float64, without rounding it to 0
+    assert (lp < 0).all() and (lp > -6e-8).sum() > V // 2  # most are beyond float32's resolution near 1
+    if scale == 400:
+        assert (lp > -1e-45).sum() > V // 2  # and beyond float32's range
+    zf = z.float()
+    assert ((zf - torch.logsumexp(zf, 1, keepdim=True)).diagonal() == 0).sum() > V // 2  # hence ties at 0
+    t = N.bigram_table(gm, "embed", top_k=10, per_context=1, chunk_size=16, progress=False)
+    order = torch.argsort(lp, descending=True)[:10]
+    assert [(r[1], r[2]) for r in t.top] == [(int(v), int(v)) for v in order]
+    got = torch.tensor([r[4] for r in t.top], dtype=torch.float64)
+    torch.testing.assert_close(got, lp[order], rtol=1e-3, atol=0)
+    ctx = torch.tensor([r[4] for r in sorted(t.per_context)], dtype=torch.float64)  # each source's top 1
+    torch.testing.assert_close(ctx, lp, rtol=1e-3, atol=0)
+    ps = N.pair_scores(gm, "embed", [(5, 5), (7, 7)])[:, 1].double()
+    torch.testing.assert_close(ps, lp[[5, 7]], rtol=1e-3, atol=0)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_heads_sum_to_attention_block(arch, llama, gpt2):
     m, gm = llama if arch == "llama" else gpt2
@@ -227,3 +258,28 @@ def test_cli_parsers():
     assert a.model == "smollm2-135m" and a.path == ["layers.3.mlp"] and a.drop_self
     assert ap.parse_args(["diff", "1", "2"]).func.__name__ == "run_diff"
     assert ap.parse_args(["mass"]).func.__name__ == "run_mass"
+
+
+def _near_one_tables_on(device: str):
+    """Bigram tables (global and per-context, float64 log-probabilities near 0) on `device` equal the CPU's."""
+    m, _ = _llama(seed=3)
+    with torch.no_grad():
+        m.lm_head.weight.copy_(400 * m.model.embed_tokens.weight)
+    gm = jetfx.trace(m, torch.tensor([[1, 2, 3]]))
+    want = N.bigram_table(gm, "embed", top_k=20, per_context=2, chunk_size=16, progress=False)
+    got = N.bigram_table(gm.to(device), "embed", top_k=20, per_context=2, chunk_size=16, progress=False)
+    gm.to("cpu")
+    assert [r[:3] for r in got.top] == [r[:3] for r in want.top]
+    for rows_a, rows_b in ((got.top, want.top), (got.per_context, want.per_context)):
+        a = torch.tensor([r[-1] for r in rows_a], dtype=torch.float64)
+        b = torch.tensor([r[-1] for r in rows_b], dtype=torch.float64)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_bigram_tables_after_moving_the_module_equal_the_first():
+    _near_one_tables_on("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (checked on a GPU machine)")
+def test_bigram_tables_on_cuda_equal_cpu():
+    _near_one_tables_on("cuda")

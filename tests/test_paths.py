@@ -11,19 +11,24 @@ import jetfx
 from jetfx import paths as P
 from tiny_models import LinearResNet, traced
 
-BASIC = [P.all_paths(), P.max_blocks(1), P.max_blocks(2), P.min_blocks(2), P.only_kinds("mlp"), P.no_attention(),
-         P.through("*.0.*"), P.within("h.0.*", "h.1.mlp", "layers.0.*", "layers.1.mlp"), P.avoid("*.1.attn*"),
-         P.paths("embed", "h.0.attn>h.1.mlp"), P.where(lambda p: len(p) % 2 == 0)]
+# filters that name blocks are built per architecture (a pattern matching no block is an error)
+NAMES = {"gpt2": {"layer": "h", "attn": "attn"}, "gpt_neox": {"layer": "layers", "attn": "attention"}}
+BASIC = [lambda n: P.all_paths(), lambda n: P.max_blocks(1), lambda n: P.max_blocks(2), lambda n: P.min_blocks(2),
+         lambda n: P.only_kinds("mlp"), lambda n: P.no_attention(), lambda n: P.through("*.0.*"),
+         lambda n: P.within(f"{n['layer']}.0.*", f"{n['layer']}.1.mlp"), lambda n: P.avoid(f"*.1.{n['attn']}*"),
+         lambda n: P.paths("embed", f"{n['layer']}.0.{n['attn']}>{n['layer']}.1.mlp"),
+         lambda n: P.where(lambda p: len(p) % 2 == 0)]
 COMBINE = st.recursive(st.sampled_from(BASIC), lambda inner: st.one_of(
-    st.tuples(inner, inner).map(lambda ab: ab[0] & ab[1]),
-    st.tuples(inner, inner).map(lambda ab: ab[0] | ab[1]),
-    inner.map(lambda a: ~a)), max_leaves=4)
+    st.tuples(inner, inner).map(lambda ab: lambda n: ab[0](n) & ab[1](n)),
+    st.tuples(inner, inner).map(lambda ab: lambda n: ab[0](n) | ab[1](n)),
+    inner.map(lambda a: lambda n: ~a(n))), max_leaves=4)
 
 
 @settings(max_examples=60, deadline=None)
 @given(filt=COMBINE, arch=st.sampled_from(["gpt2", "gpt_neox"]))
 def test_count_by_dynamic_programming_equals_enumeration(filt, arch):
     _, gm = traced(arch)
+    filt = filt(NAMES[arch])
     graph = jetfx.path_graph(gm)
     enumerated = list(graph.iter_paths(filt))
     everything = list(graph.iter_paths())

@@ -1,6 +1,8 @@
 """The product: the built-in real model, export round-trips, the CLI, clear errors."""
 
+import argparse
 import importlib.util
+import re
 import zipfile
 
 import pytest
@@ -97,9 +99,19 @@ def test_cli_help_teaches_every_command(capsys):
     from jetfx.cli import build_parser, main
 
     parser = build_parser()
-    text = parser.format_help()
-    for cmd in ("demo", "trace", "paths", "expand", "lens", "ngrams", "diff", "mass"):
-        assert cmd in text
+    commands = ("demo", "trace", "paths", "expand", "lens", "interactions", "ngrams", "diff", "mass")
+    # registered, not merely named in the overview's text: the subparsers hold exactly these
+    registered = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(registered) == set(commands)
+    listed = parser.format_help()
+    for cmd in commands:
+        assert re.search(rf"^    {cmd}(\s|$)", listed, re.M)  # a line of the command list
+        with pytest.raises(SystemExit) as e:  # each one's own --help parses and describes its options
+            parser.parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        own = capsys.readouterr().out
+        assert own.startswith(f"usage: jetfx {cmd} ") and "options:" in own
+    assert "--db" in registered["ngrams"].format_help() and "--joint" in registered["lens"].format_help()
     assert main(["expand", "--k", "-1", "--model", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
 

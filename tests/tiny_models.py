@@ -93,3 +93,24 @@ class TwoBlockToy(torch.nn.Module):
         h = h + self.block1(h)
         h = h + self.block2(h)
         return self.unembed(self.norm(h))
+
+
+def save_model_folder(folder, vocab: int = 256, layers: int = 2, width: int = 32, seed: int = 0) -> str:
+    """A random-init Llama and a word-level tokenizer saved as a Hugging Face model folder, which
+    `jetfx.load(folder)` and the CLI's `--model folder` load offline (for tests of the `jetfx`
+    command in subprocesses). Words: 'The capital of France is Paris', then w0, w1, …"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "The", "capital", "of", "France", "is", "Paris"]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
