@@ -88,6 +88,13 @@ def _is_linear_op(node: fx.Node, dep: set[fx.Node]) -> bool:
 
 
 
+def _where(n: fx.Node) -> str:
+    if n.op == "placeholder":
+        return f"'{n.name}' (the input)"
+    path = module_path(n)
+    return f"'{n.name}' ({n.target}" + (f", in module {path})" if path else ")")
+
+
 def _no_stream(chain: list[fx.Node], G: nx.DiGraph) -> str:
     """Why there is no residual stream, naming where the tokens-to-logits chain has its widest gap."""
     text = ("no residual stream found: on the path from the tokens to the logits there is no `add` whose one "
@@ -96,8 +103,8 @@ def _no_stream(chain: list[fx.Node], G: nx.DiGraph) -> str:
     if gaps:
         size, a, b = max(gaps, key=lambda g: g[0])
         if size > 0:
-            text += (f". Between '{a.name}' (in module {module_path(a) or '?'}) and '{b.name}' ({b.target}, in module "
-                     f"{module_path(b) or '?'}) the computation runs along {size} nodes that no single node separates, "
+            text += (f". Between {_where(a)} and {_where(b)} the computation runs along {size} nodes that no "
+                     "single node separates, "
                      "so no residual addition h + γ(h) lies on all paths: layers that also read the tokens or the "
                      "embedding by another route (per-layer inputs, several copies of the stream, attention over all "
                      "layers' outputs) leave no single residual stream to expand")
