@@ -364,10 +364,14 @@ def markdown(records: list[dict], summary: dict, version: str, torch_version: st
         f"export are supported ({100 * (summary['supported_share'] or 0):.0f} %)**; {summary['classes']} classes "
         f"in all, {summary['build']} build"
         + (f" ({summary['unchecked']} not checked: the sweep was cut off)" if summary["unchecked"] else "")
-        + ". Classes that hung or crashed count as exportable and unsupported. " + BEFORE,
+        + ". Classes that hung or crashed count as exportable and unsupported. " + BEFORE
+        + (f" {summary['by_status']['timeout']} classes ran past the time limit per class on a shared, loaded "
+           "machine; check them again with `--records docs/architectures.jsonl --redo CLASS … --timeout 1800`."
+           if summary["by_status"].get("timeout") else ""),
         "",
         "Reproduce with `.venv/bin/python tools/architectures.py --jobs 2 --records out/sweep.jsonl` (one to",
-        "two hours on two cores; resumable; `--only CLASS …` for some classes). Columns: blocks found (count, kinds, first names); k=1 and k=2:",
+        "two hours on two cores; resumable; `--only CLASS …` for some classes); the records of this table are",
+        "`docs/architectures.jsonl`. Columns: blocks found (count, kinds, first names); k=1 and k=2:",
         "the larger of the two float64 errors; lens: the lens error; f32 k=2: see below; note: why a class",
         "is not supported, or how its graph was specialised.",
         "",
