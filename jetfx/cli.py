@@ -27,7 +27,7 @@ DEFAULT_TEXT = "The capital of France is"
 
 def _filter_args(p):
     p.add_argument("--max-blocks", type=non_negative_int, default=None, help="paths through at most N blocks")
-    p.add_argument("--kinds", nargs="*", default=None, help="only blocks of these kinds (attn, mlp, other)")
+    p.add_argument("--kinds", nargs="*", default=None, help="only blocks of these kinds (attn, mlp, moe, mixer, other)")
     p.add_argument("--through", nargs="*", default=None, help="paths through blocks matching each pattern (h.3.*)")
     p.add_argument("--avoid", nargs="*", default=None, help="paths avoiding blocks matching the patterns")
     p.add_argument("--path", nargs="*", default=None, help="exactly these paths ('embed', 'h.0.attn>h.2.mlp')")

@@ -39,6 +39,7 @@ def block_region(gm: fx.GraphModule, block: Block | str) -> Region:
     if key not in cache:
         region = extract_region(gm, b.input, b.output, b.nodes)
         decompose_for_jets(region.module)
+        region.module.block_name = b.name  # named in errors from its jets
         cache[key] = region
     return cache[key]
 
@@ -52,6 +53,7 @@ def decoder_region(gm: fx.GraphModule) -> Region:
         d = structure.decoder
         region = extract_region(gm, d.input, d.output, d.nodes)
         decompose_for_jets(region.module)
+        region.module.block_name = "the decoder"
         cache[key] = region
     return cache[key]
 
@@ -97,6 +99,7 @@ def split_decoder(gm: fx.GraphModule) -> DecoderSplit | None:
                         frontier.append(a)
             region = extract_region(gm, d.input, d.norm_output, [name for name in d.nodes if name in keep])
             decompose_for_jets(region.module)
+            region.module.block_name = "the final norm"
             result = DecoderSplit(region, weight)
     cache[key] = result
     return result

@@ -19,6 +19,7 @@ jets taken by the Taylor-mode pass; where f cannot be traced, by nested forward 
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -26,8 +27,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ExpansionError, check_order
+from .errors import ExpansionError, JetfxError, check_order
 from .passes.batching import BatchedGraph
+
+
+def clear_errors(what: str):
+    """Decorator for a jet module's forward: an error from torch inside it becomes an ExpansionError
+    that names the block (`region.block_name`) instead of a stack trace from generated code."""
+
+    def wrap(forward):
+        @functools.wraps(forward)
+        def run(self, *args, **kwargs):
+            try:
+                return forward(self, *args, **kwargs)
+            except JetfxError:
+                raise
+            except (RuntimeError, AttributeError, AssertionError, StopIteration, TypeError, IndexError,
+                    ValueError, NotImplementedError) as e:
+                name = getattr(self, "block_name", None) or getattr(getattr(self, "region", None), "block_name", None)
+                text = " ".join(str(e).split())[:300]
+                raise ExpansionError(f"{what} of {name or 'a block'} failed: {type(e).__name__}: {text}. "
+                                     "jets='nested' computes them by nested forward AD instead") from e
+
+        return run
+
+    return wrap
 
 
 def _derivatives(g: Callable[[torch.Tensor], torch.Tensor], t0: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -101,6 +125,7 @@ class NestedJet(torch.nn.Module):
         self.coefficients = coefficients
         self.recenter = recenter
 
+    @clear_errors("nested-AD jets")
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
         def f(x):
             return self.region(x, *side)
@@ -115,6 +140,12 @@ class NestedJet(torch.nn.Module):
         return out.movedim(1, 0) if self.coefficients else out
 
 
+def _routes(region) -> bool:
+    from .passes.decompose import data_dependent
+
+    return isinstance(region, torch.fx.GraphModule) and data_dependent(region)
+
+
 class Evaluate(torch.nn.Module):
     """J^0 f(x) = f(x) at a batch of centers (the variate plays no role at order 0)."""
 
@@ -123,8 +154,10 @@ class Evaluate(torch.nn.Module):
     def __init__(self, region: torch.nn.Module):
         super().__init__()
         self.region = region
-        self.batched = BatchedGraph(region)
+        self._jetfx_loop = _routes(region)
+        self.batched = BatchedGraph(region, owner=self)
 
+    @clear_errors("evaluation at the centers")
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side):
         return self.batched(centers, *side)
 

@@ -381,7 +381,7 @@ def min_blocks(n: int) -> PathFilter:
 
 
 def only_kinds(*kinds: str) -> PathFilter:
-    """Paths whose blocks are all of the given kinds ("attn", "mlp", "other")."""
+    """Paths whose blocks are all of the given kinds ("attn", "mlp", "moe", "mixer", "other")."""
     kinds = _check_kinds(kinds)
     return _BlockPredicate(lambda b: b.kind in kinds, f"only_kinds({', '.join(map(repr, kinds))})")
 
@@ -393,7 +393,8 @@ def no_kind(*kinds: str) -> PathFilter:
 
 
 def no_attention() -> PathFilter:
-    return no_kind("attn")
+    """Paths through no token-mixing block (attention or state-space/convolutional mixer)."""
+    return no_kind("attn", "mixer")
 
 
 def avoid(*patterns: str) -> PathFilter:
@@ -438,10 +439,11 @@ def where(predicate: Callable[[Path], bool]) -> PathFilter:
 
 
 def _check_kinds(kinds) -> set[str]:
-    known = {"attn", "mlp", "other"}
-    bad = [k for k in kinds if k not in known]
+    from .structure import BLOCK_KINDS
+
+    bad = [k for k in kinds if k not in BLOCK_KINDS]
     if bad or not kinds:
-        raise ExpansionError(f"block kinds are 'attn', 'mlp' and 'other', got {list(kinds)}")
+        raise ExpansionError(f"block kinds are {', '.join(map(repr, BLOCK_KINDS))}, got {list(kinds)}")
     return set(kinds)
 
 

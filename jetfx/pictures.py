@@ -11,7 +11,7 @@ import shutil
 
 from .errors import MissingDependencyError
 
-KIND_COLORS = {"attn": "#d6e6f5", "mlp": "#fde2cf", "other": "#e6e6e6", "encoder": "#d9f0d3", "decoder": "#e7d4e8"}
+KIND_COLORS = {"attn": "#d6e6f5", "mlp": "#fde2cf", "moe": "#fbd0d9", "mixer": "#d5f0ef", "other": "#e6e6e6", "encoder": "#d9f0d3", "decoder": "#e7d4e8"}
 HIGHLIGHT = "#c0392b"
 INTERACTION = "#2471a3"
 

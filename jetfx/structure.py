@@ -15,13 +15,19 @@ import math
 from dataclasses import dataclass, field
 
 
+# attn: attention; mlp: a feed-forward block; moe: routed experts (with shared experts and dense
+# fall-backs); mixer: token mixing without softmax attention (state-space scans, convolutions,
+# linear attention); other: anything else
+BLOCK_KINDS = ("attn", "mlp", "moe", "mixer", "other")
+
+
 @dataclass(frozen=True)
 class Block:
     """One residual branch γ_b: a subgraph from a stream node to a summand of the next one."""
 
     name: str  # short readable name, e.g. "h.3.attn" or "layers.3.mlp"
     qualname: str  # full module path in the model, e.g. "transformer.h.3.attn"
-    kind: str  # "attn", "mlp" or "other"
+    kind: str  # one of BLOCK_KINDS
     index: int  # position among all blocks, 0-based
     step: int  # the residual step whose stream node the block reads
     input: str  # FX node name of the stream node h_step (the block's input)
@@ -71,6 +77,7 @@ class ResidualStructure:
     steps: tuple[Step, ...]
     decoder: Decoder
     side_inputs: tuple[str, ...] = field(default=(), repr=False)
+    rewrites: tuple[str, ...] = field(default=(), repr=False)  # what passes.residual_form changed
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -120,6 +127,9 @@ class ResidualStructure:
         count = self.num_paths
         exp = "2^%d" % self.num_blocks if count == 2**self.num_blocks else "prod(1+blocks per step)"
         lines.append(f"  exponential expansion: {count} paths ({exp})")
+        if self.rewrites:
+            lines.append(f"  rewritten into residual form ({len(self.rewrites)}): {self.rewrites[0]}"
+                         + (" …" if len(self.rewrites) > 1 else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:  # printing the structure should read well in a REPL too

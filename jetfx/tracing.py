@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from . import passes
-from .errors import InputError, TraceError
+from .errors import InputError, JetfxError, StructureError, TraceError
 from .structure import ResidualStructure
 
 _INT_DTYPES = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
@@ -44,6 +44,7 @@ class TraceInfo:
     tied_embeddings: bool | None = None
     max_abs_error: float = 0.0  # |traced - eager| on the check tokens
     token_input: str = "ids"
+    specialized_length: int | None = None  # the one sequence length the graph accepts, if export fixed it
     input_kind: str = "tokens"  # "tokens" (integer ids) or "float" (any floating tensors)
     example_inputs: tuple = field(default=(), repr=False)  # ((shape, dtype), …) of float inputs
     jet_dtype: torch.dtype | None = None  # precision of jets (None: float32 for half models, else `dtype`)
@@ -233,13 +234,18 @@ def as_tokens(tokens, tokenizer=None, *, vocab_size: int | None = None, max_leng
 
 
 @torch.fx.node.has_side_effect
-def check_tokens(ids, vocab_size, max_length):
-    """Graph-level guard: bad token tensors get a clear error, not an index error deep in torch.
+def check_tokens(ids, vocab_size, max_length, length=None):
+    """Graph-level guard: bad token tensors get a clear error, not an index error deep in torch
+    (nor torch's guard assertion when the graph was specialised to one sequence length).
     (Skipped inside torch.compile, whose graphs cannot read values: `ExpandedModule.compile` checks
     the ids before running the compiled code.)"""
     if torch.compiler.is_compiling():
         return
     as_tokens(ids, vocab_size=vocab_size, max_length=max_length)
+    if length is not None and ids.shape[-1] != length:
+        raise InputError(f"this graph was specialised to sequences of {length} tokens (torch.export could not "
+                         f"export the model for dynamic lengths), got {ids.shape[-1]}; trace the model again "
+                         "with tokens of the length you want to analyse")
 
 
 def _export(wrapper: torch.nn.Module, example: torch.Tensor):
@@ -248,12 +254,29 @@ def _export(wrapper: torch.nn.Module, example: torch.Tensor):
     return torch.export.export(wrapper, (example,), dynamic_shapes={"ids": {0: Dim.AUTO, 1: Dim.AUTO}}, strict=False)
 
 
-def _is_dynamic(ep) -> bool:
+def _is_dynamic(ep, dims=(0, 1)) -> bool:
     ph = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "ids"]
     if not ph:
         ph = [n for n in ep.graph.nodes if n.op == "placeholder"][-1:]
     v = ph[0].meta.get("val") if ph else None
-    return v is not None and all(isinstance(s, torch.SymInt) for s in v.shape)
+
+    def free(size):  # a SymInt export did not replace by a constant
+        return isinstance(size, torch.SymInt) and bool(getattr(size.node.expr, "free_symbols", ()))
+
+    return v is not None and all(free(v.shape[d]) for d in dims)
+
+
+def _export_static_length(wrapper: torch.nn.Module, ids: torch.Tensor):
+    """The fallback when torch.export refuses a dynamic sequence length (state-space scans unroll
+    over it): the length of `ids` is fixed, the batch stays dynamic where export allows it."""
+    from torch.export import Dim
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(wrapper, (ids,), dynamic_shapes={"ids": {0: Dim.AUTO, 1: Dim.STATIC}}, strict=False)
+        except Exception:  # noqa: BLE001 - then fully static
+            return torch.export.export(wrapper, (ids,), strict=False)
 
 
 def _summarize(e: BaseException) -> str:
@@ -329,18 +352,37 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
             if _is_dynamic(candidate):
                 ep = candidate
                 break
-            last_error = RuntimeError("export specialized the batch or sequence length to the example")
+            last_error = RuntimeError("export fixed the batch or sequence length to the example's (the forward "
+                                      "loops over positions or branches on the length)")
+        dynamic_error = last_error
+        specialized = None
+        if ep is None and last_error is not None:
+            # dynamic lengths refused (state-space and hybrid models): specialise to the given tokens
+            fixed = check_ids.to(example.device) if check_ids is not None else example
+            try:
+                candidate = _export_static_length(wrapper, fixed)
+            except Exception as e:  # noqa: BLE001 - reported below, after the dynamic attempt's error
+                last_error = e
+                candidate = None
+            if candidate is not None:
+                ep, example, specialized = candidate, fixed, int(fixed.shape[1])
+                warnings.warn(
+                    f"torch.export could not export {type(model).__name__} for dynamic sequence lengths "
+                    f"({_summarize(dynamic_error)}); the graph is specialised to {specialized} tokens: "
+                    "expansions and lenses accept only that length (trace again for another)", stacklevel=2)
         if ep is None:
             err = TraceError(
                 f"torch.export could not export {type(model).__name__} as a function of token ids: "
                 f"{_summarize(last_error)}. jetfx needs forward(tokens) -> logits to be exportable with "
                 "torch.export(strict=False) and dynamic batch/sequence sizes; data-dependent Python "
-                "control flow on token values is the usual cause (a model of float inputs: pass example "
-                "inputs as a float tensor)"
+                "control flow on token values is the usual cause (a static-length export was tried as well; "
+                "a model of float inputs: pass example inputs as a float tensor)"
             )
             err.export_error = last_error
             raise err
         gm = _module_of(ep, model)
+        if passes.has_mutations(gm):  # writes into slices of buffers (chunked scans): make data flow explicit
+            gm = _module_of(ep.run_decompositions({}), model)
         range_max = _range_max(ep)
         if range_max is not None:
             max_length = min(max_length, range_max) if max_length else range_max
@@ -363,8 +405,14 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
     passes.make_device_agnostic(gm)
     if dtype is not None:
         passes.cast_floating(gm, dtype)
-    structure = passes.find_residual_structure(gm, strip_prefix="model.")
-    _insert_token_check(gm, embedding_rows or vocab_size, max_length)
+    try:
+        structure = passes.find_residual_structure(gm, strip_prefix="model.")
+    except JetfxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a graph residual analysis cannot read: said, not a stack trace
+        raise StructureError(f"residual analysis of {type(model).__name__} failed: {type(e).__name__}: {e}; "
+                             "this is a bug in jetfx, please report it with the model") from e
+    _insert_token_check(gm, embedding_rows or vocab_size, max_length, specialized)
     out_dtype = eager.dtype if dtype is None else dtype
     gm.residual = structure
     gm.jetfx = TraceInfo(
@@ -378,6 +426,7 @@ def trace(model: torch.nn.Module, inputs=None, *, tokenizer=None, dtype: torch.d
         tied_embeddings=_tied(model, hf),
         max_abs_error=err,
         token_input=structure.encoder.input,
+        specialized_length=specialized,
         jet_dtype=jet_dtype,
         relative_error=_relative(err, eager),
     )
@@ -540,10 +589,10 @@ def _range_max(ep) -> int | None:
         return None
 
 
-def _insert_token_check(gm: fx.GraphModule, vocab_size: int, max_length: int | None) -> None:
+def _insert_token_check(gm: fx.GraphModule, vocab_size: int, max_length: int | None, length: int | None = None) -> None:
     ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
     with gm.graph.inserting_after(ph):
-        gm.graph.call_function(check_tokens, (ph, vocab_size, max_length))
+        gm.graph.call_function(check_tokens, (ph, vocab_size, max_length, length))
     gm.recompile()
 
 

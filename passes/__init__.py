@@ -4,7 +4,7 @@ Import as `jetfx.passes` (this folder is installed under that name, never as a t
 `passes` package).
 """
 
-from .cleanup import clean, drop_eval_dropout, drop_metadata_asserts
+from .cleanup import clean, drop_eval_dropout, drop_metadata_asserts, has_mutations
 from .dependence import value_dependent
 from .device import constant_devices, make_device_agnostic
 from .dtype import cast_floating, compute_in
@@ -18,6 +18,7 @@ __all__ = [
     "drop_eval_dropout",
     "drop_metadata_asserts",
     "find_residual_structure",
+    "has_mutations",
     "make_device_agnostic",
     "value_dependent",
 ]

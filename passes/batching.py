@@ -1,14 +1,20 @@
-"""Map a function over a leading batch of centers: `vmap`, a traced batched graph, or a loop while exporting.
+"""Map a function over a leading batch of centers: `vmap`, a traced batched graph, or a loop.
 
 Jets evaluate a region at N centers at once. `torch.func.vmap` does that, but on the small
 blocks of a jet (9 tokens: tens of microseconds per op) its per-op cost is a large share of the
 time: every op goes through the batching rules, at every call. `BatchedGraph` pays that once:
 the mapped function is traced through vmap (`make_fx`) into a plain ATen graph with the center
 dimension in every tensor, identity views are dropped, and later calls with the same input
-signature run that graph (once vmap has cost about as much as tracing: see `BatchedGraph`). Under torch.export vmap's batching rules ask for concrete sizes
-(aten.cat's, for one), which would specialize the exported program to the example's batch and
-length, so while exporting the N centers (a static count) are mapped by a Python loop instead,
-which export traces into N copies of the region with dynamic batch and sequence sizes.
+signature run that graph (once vmap has cost about as much as tracing: see `BatchedGraph`).
+
+A Python loop over the centers replaces vmap where vmap cannot be used:
+
+- under torch.export vmap's batching rules ask for concrete sizes (aten.cat's, for one), which
+  specializes the exported program to the example's batch and length. While exporting, the N
+  centers (a static count) are mapped by a loop, which export traces into N copies of the region
+  with dynamic batch and sequence sizes;
+- mixture-of-experts routing has data-dependent shapes (each center routes its own rows), which
+  vmap cannot batch. The loop is taken then, and `owner` remembers it so vmap is not tried again.
 """
 
 from __future__ import annotations
@@ -22,16 +28,22 @@ from torch import fx
 from ._graph import aten
 
 
-def map_centers(fn: Callable, *batched: torch.Tensor):
+def map_centers(fn: Callable, *batched: torch.Tensor, owner=None):
     """fn applied to every row of the tensors in `batched` (leading dimensions equal), results stacked.
 
-    `fn` returns a tensor or a tuple of tensors; so does `map_centers`.
+    `fn` returns a tensor or a tuple of tensors; so does `map_centers`. `owner` (a module) records
+    in `_jetfx_loop` that vmap failed on it, or starts with it set where routing is known.
     """
-    if not torch.compiler.is_exporting():
-        return torch.func.vmap(fn)(*batched)
+    exporting = torch.compiler.is_exporting()
+    if not exporting and (owner is None or not owner.__dict__.get("_jetfx_loop", False)):
+        try:
+            return torch.func.vmap(fn)(*batched)
+        except Exception:  # noqa: BLE001 - vmap has no batching rule for some op; the loop needs none
+            if owner is not None:
+                owner.__dict__["_jetfx_loop"] = True
     rows = [fn(*row) for row in zip(*(b.unbind(0) for b in batched))]
-    if isinstance(rows[0], tuple):
-        return tuple(torch.stack(parts) for parts in zip(*rows))
+    if isinstance(rows[0], (tuple, list)):
+        return type(rows[0])(torch.stack(parts) for parts in zip(*rows))
     return torch.stack(rows)
 
 
@@ -157,8 +169,8 @@ class BatchedGraph:
     TRACE_S_PER_NODE = 1e-3  # tracing cost per node of the module's graph, in seconds (measured: 0.5–3 ms)
     MAX_GRAPHS = 8  # signatures kept (oldest dropped)
 
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
+    def __init__(self, module: torch.nn.Module, owner: torch.nn.Module | None = None):
+        self.module, self.owner = module, owner  # owner: the jet module that records routing (map_centers)
         self.graphs: dict = {}
         self.spent: dict = {}  # seconds spent by vmap, per signature not traced yet
         graph = getattr(module, "graph", None)
@@ -180,10 +192,11 @@ class BatchedGraph:
             if isinstance(out, (tuple, list)):
                 return tuple(o.unsqueeze(0) for o in out)
             return out.unsqueeze(0)
-        return map_centers(lambda x: module(x, *shared), centers)
+        return map_centers(lambda x: module(x, *shared), centers, owner=self.owner)
 
     def _key(self, centers, shared, params):
-        if torch.compiler.is_exporting() or (torch.is_grad_enabled() and (
+        looping = self.owner is not None and self.owner.__dict__.get("_jetfx_loop", False)
+        if looping or torch.compiler.is_exporting() or (torch.is_grad_enabled() and (
                 centers.requires_grad or any(isinstance(s, torch.Tensor) and s.requires_grad for s in shared)
                 or any(p.requires_grad for p in params.values()))):
             return None

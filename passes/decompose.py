@@ -7,6 +7,12 @@
   on (torch 2.13: on random float64 input the c_2 coefficient is off by 0.06 while every other op
   of the supported architectures is exact to 1e-10). It becomes mean, centering, variance and
   rsqrt, whose nested derivatives are right.
+- Grouped matrix products of mixture-of-experts layers (`transformers::grouped_mm_fallback`,
+  `aten._grouped_mm`) are opaque kernels without forward derivatives. They become `grouped_mm`, the
+  same product written with slices, `mm` and `cat`, which nested AD goes through and which Taylor
+  mode treats as linear in its input (the routing offsets are constants: the center's routing).
+- In-place ops (`passes.cleanup.functionalize_inplace`): batched jets must never write into a
+  shared side input.
 - `silu` and `mish` have forward derivatives written with their backward kernels, which have none
   themselves: nesting them fails outside grad mode. They become x·σ(x) and x·tanh(softplus(x)).
 """
@@ -19,6 +25,7 @@ import torch
 from torch import fx
 
 from ._graph import aten, val
+from .cleanup import functionalize_inplace
 
 
 def _static(x):
@@ -138,8 +145,96 @@ def decompose_activations(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e−1] ≤ r < offs[e] of `input` (S, d_in) times `weight[e]` (d_in, d_out); rows past
+    offs[-1] are zero. What `transformers::grouped_mm_fallback` computes, in differentiable ops."""
+    parts, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            parts.append(input[start:end] @ weight[e])
+        start = max(start, end)
+    rows = input.shape[0]
+    if start < rows or not parts:
+        parts.append(input.new_zeros(rows - start, weight.shape[-1]))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+DATA_DEPENDENT_OPS = {aten.histc.default, aten.nonzero.default, aten.bincount.default}
+
+
+def data_dependent(gm: fx.GraphModule) -> bool:
+    """Whether `gm` has ops whose shapes or loops depend on values (expert routing): vmap cannot
+    batch them over centers, jets loop over centers instead."""
+    return any(n.op == "call_function" and (n.target is grouped_mm or n.target in DATA_DEPENDENT_OPS)
+               for n in gm.graph.nodes)
+
+
+def _grouped_mm_targets() -> set:
+    targets = set()
+    custom = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if custom is not None:
+        targets.add(custom.default)
+    if hasattr(aten, "_grouped_mm"):
+        targets.add(aten._grouped_mm.default)
+    return targets
+
+
+def decompose_grouped_mm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace grouped expert products (2-D input, 3-D weights, offsets) by `grouped_mm`."""
+    targets = _grouped_mm_targets()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        names = ("input", "weight", "offs", "bias", "out_dtype")
+        args = dict(zip(names, node.args))
+        args.update({("input" if k == "mat_a" else "weight" if k == "mat_b" else k): v for k, v in node.kwargs.items()})
+        if args.get("offs") is None or args.get("bias") is not None:
+            continue  # another form of grouped product: left to the fallback
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(grouped_mm, (args["input"], args["weight"], args["offs"]))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def decompose_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """`copy(dst, src)` (what functionalization makes of `dst.copy_(src)`) → `zeros_like(dst) + src`:
+    the same values in dst's shape, through ops that forward AD can differentiate."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.copy.default:
+            continue
+        dst, src = node.args[0], node.args[1]
+        with gm.graph.inserting_before(node):
+            zeros = gm.graph.call_function(aten.zeros_like.default, (dst,))
+            new = gm.graph.call_function(aten.add.Tensor, (zeros, src))
+            dv, sv = val(dst), val(src)
+            if dv is not None and sv is not None and dv.dtype != sv.dtype:
+                new = gm.graph.call_function(aten._to_copy.default, (new,), {"dtype": dv.dtype})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """`view` → `reshape`: same values, but no demand on strides, which differ once fused kernels are
+    decomposed (a transpose of the decomposed attention's output cannot always be viewed)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+    gm.recompile()
+    return gm
+
+
 def decompose_for_jets(gm: fx.GraphModule) -> fx.GraphModule:
     """Every decomposition jets need, in place."""
+    functionalize_inplace(gm)
+    views_as_reshapes(gm)
+    decompose_copy(gm)
+    decompose_grouped_mm(gm)
     decompose_attention(gm)
     decompose_layer_norm(gm)
     decompose_activations(gm)

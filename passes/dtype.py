@@ -35,10 +35,12 @@ def cast_floating(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
     if dtype not in _FLOATS:
         raise ValueError(f"cast_floating needs a floating dtype, got {dtype}")
     _replace_tensors(gm, dtype)
-    for node in gm.graph.nodes:
-        node.args = _swap(node.args, dtype)
-        node.kwargs = _swap(node.kwargs, dtype)
-    gm.recompile()
+    for _, sub in list(gm.named_modules()):  # subgraphs of higher-order ops (autocast, set_grad_enabled) too
+        if isinstance(sub, fx.GraphModule):
+            for node in sub.graph.nodes:
+                node.args = _swap(node.args, dtype)
+                node.kwargs = _swap(node.kwargs, dtype)
+            sub.recompile()
     return gm
 
 

@@ -31,7 +31,9 @@ from functools import lru_cache
 import torch
 from torch import fx
 
+from ..jets import clear_errors
 from .batching import map_centers
+from .decompose import data_dependent
 from .taylor import taylor_graph_module
 
 CHUNK = 256  # univariate passes per vmap call
@@ -103,6 +105,7 @@ class MixedJet(torch.nn.Module):
         self.multiplicities = tuple(multiplicities)
         self.degree = sum(multiplicities)
         self.region = region
+        self._jetfx_loop = data_dependent(region)  # routed experts: one center at a time
         if self.degree:
             row = interpolation_row(self.multiplicities)
             # on the region's device: no host → device copy per call (buffers: they move with `.to()`)
@@ -113,9 +116,10 @@ class MixedJet(torch.nn.Module):
                                  persistent=False)
             self.graph_module = directional_graph(region, self.degree)
 
+    @clear_errors("mixed Taylor coefficients")
     def forward(self, centers: torch.Tensor, directions: torch.Tensor, *side):
         if self.degree == 0:
-            return map_centers(lambda x: self.region(x, *side), centers)
+            return map_centers(lambda x: self.region(x, *side), centers, owner=self)
         n, p = centers.shape[0], self.points.shape[0]
         points = self.points.to(directions.device, directions.dtype)
         # u(a) = Σ_j a_j u_j for every point a: (N, P, …)
@@ -126,7 +130,7 @@ class MixedJet(torch.nn.Module):
         def top(xi, ui):
             return gm(xi, ui, *side)[d]
 
-        parts = [map_centers(top, x[i:i + CHUNK], u[i:i + CHUNK]) for i in range(0, n * p, CHUNK)]
+        parts = [map_centers(top, x[i:i + CHUNK], u[i:i + CHUNK], owner=self) for i in range(0, n * p, CHUNK)]
         c = torch.cat(parts).reshape(n, p, *parts[0].shape[1:])
         return torch.einsum("p,np...->n...", self.weights.to(c.device, c.dtype), c)
 

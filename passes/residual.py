@@ -32,7 +32,9 @@ from jetfx.errors import StructureError
 from jetfx.structure import Block, Decoder, Encoder, ResidualStructure, Step
 
 from ._graph import aten, fetch_attr, first_output_value, is_identity_like, is_residual_add, module_path, val
-from .dependence import value_dependent
+from .residual_form import to_residual_form
+from .stream import is_round_trip, stream_chain
+from .stream import same_shape as _same_shape
 
 ATTENTION_OPS = {
     aten.scaled_dot_product_attention.default,
@@ -86,18 +88,28 @@ def _is_linear_op(node: fx.Node, dep: set[fx.Node]) -> bool:
 
 
 
-def _dominator_chain(G: nx.DiGraph, source: fx.Node, sink: fx.Node) -> list[fx.Node]:
-    idom = nx.immediate_dominators(G, source)
-    chain = [sink]
-    node = sink
-    while node is not source:
-        parent = idom.get(node)
-        if parent is None or parent is node:
-            break
-        chain.append(parent)
-        node = parent
-    chain.reverse()
-    return chain
+def _where(n: fx.Node) -> str:
+    if n.op == "placeholder":
+        return f"'{n.name}' (the input)"
+    path = module_path(n)
+    return f"'{n.name}' ({n.target}" + (f", in module {path})" if path else ")")
+
+
+def _no_stream(chain: list[fx.Node], G: nx.DiGraph) -> str:
+    """Why there is no residual stream, naming where the tokens-to-logits chain has its widest gap."""
+    text = ("no residual stream found: on the path from the tokens to the logits there is no `add` whose one "
+            "operand is the stream and whose other is computed from it")
+    gaps = [(len(nx.descendants(G, a) & nx.ancestors(G, b)), a, b) for a, b in zip(chain, chain[1:])]
+    if gaps:
+        size, a, b = max(gaps, key=lambda g: g[0])
+        if size > 0:
+            text += (f". Between {_where(a)} and {_where(b)} the computation runs along {size} nodes that no "
+                     "single node separates, "
+                     "so no residual addition h + γ(h) lies on all paths: layers that also read the tokens or the "
+                     "embedding by another route (per-layer inputs, several copies of the stream, attention over all "
+                     "layers' outputs) leave no single residual stream to expand")
+    return text + (". jetfx expands residual networks h_{l+1} = h_l + γ(h_l) (a plain MLP or a model without skip "
+                   "connections cannot be jet-expanded)")
 
 
 def _summands(node: fx.Node, stream: fx.Node, dep: set[fx.Node], G: nx.DiGraph) -> list[fx.Node]:
@@ -172,9 +184,17 @@ class _Namer:
                     pass
             scores[child] = scores.get(child, 0.0) + weight + 1e-3  # node count breaks ties
         best = max(scores, key=scores.get) if scores else None
-        # a block spanning several children of a Sequential/ModuleList is named after the container
-        if best is not None and not (best.isdigit() and len(scores) > 1):
+        # a block spanning several children of a Sequential/ModuleList, or several modules of similar
+        # size (OPT's fc1 and fc2, BERT's intermediate and output), is named after the container
+        share = scores[best] / sum(scores.values()) if best is not None else 0.0
+        if best is not None and not (best.isdigit() and len(scores) > 1) and (share >= 0.75 or not common):
+            # with the list index all of the chosen child's nodes share (XLM: attentions → attentions.0)
+            under = [parts for parts in split if len(parts) > len(common) and parts[len(common)] == best]
             common = common + [best]
+            for parts in zip(*[p[len(common):] for p in under]):
+                if not all(x == parts[0] for x in parts) or not parts[0].isdigit():
+                    break
+                common.append(parts[0])
         return ".".join(common)
 
 
@@ -194,49 +214,27 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
     except ValueError as e:
         raise StructureError(f"the graph has no tensor output to expand ({e})") from None
 
-    dep = value_dependent(graph, source)
+    rewrites = to_residual_form(gm, source, logits)
+    sc = stream_chain(graph, source, logits)
+    dep, G, chain, residual = sc.dep, sc.graph, sc.chain, sc.adds
     if logits not in dep:
         raise StructureError(
             "the output of the graph does not depend on the values of the token input "
             f"'{source.name}', so there is no residual computation to expand"
         )
-    G = nx.DiGraph()
-    G.add_nodes_from(dep)
-    for n in dep:
-        for u in n.users:
-            if u in dep:
-                G.add_edge(n, u)
-
-    chain = _dominator_chain(G, source, logits)
-    position = {n: i for i, n in enumerate(chain)}
-
-    residual = []  # (add node, skip operand = stream node, branch output)
-    for i, n in enumerate(chain[1:], start=1):
-        if not is_residual_add(n):
-            continue
-        prev = chain[i - 1]
-        a, b = n.args[0], n.args[1]
-        if a is prev and b is not prev and b in dep:
-            residual.append((n, a, b))
-        elif b is prev and a is not prev and a in dep:
-            residual.append((n, b, a))
     if not residual:
-        raise StructureError(
-            "no residual stream found: on the path from the tokens to the logits there is no "
-            "`add` whose one operand is the stream and whose other is computed from it. jetfx "
-            "expands residual networks h_{l+1} = h_l + γ(h_l); check that the model has skip "
-            "connections (a plain MLP or a model without them cannot be jet-expanded)"
-        )
+        raise StructureError(_no_stream(chain, G))
 
-    # Between a residual add and the next stream node only identity-like ops may stand.
-    for (r, _, _), (_, skip, _) in zip(residual, residual[1:]):
-        for n in chain[position[r] + 1 : position[skip] + 1]:
-            if not is_identity_like(n):
-                raise StructureError(
-                    f"the residual stream is transformed between two residual additions by "
-                    f"'{n.name}' ({n.target}, in module {module_path(n) or '?'}); jetfx needs "
-                    "h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
-                )
+    # Between a residual add and the next stream node only casts and reshape round trips may stand
+    # (to_residual_form has folded post-norms into their blocks).
+    for r, segment in sc.segments():
+        if not is_round_trip(r, segment):
+            n = next(n for n in segment if not is_identity_like(n))
+            raise StructureError(
+                f"the residual stream is transformed between two residual additions by "
+                f"'{n.name}' ({n.target}, in module {module_path(n) or '?'}) and jetfx could not rewrite it "
+                "into residual form; jetfx needs h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
+            )
 
     namer = _Namer(gm, strip_prefix, dep)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -244,13 +242,17 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
     region_nodes: set[fx.Node] = set()
     used_names: dict[str, int] = {}
     block_index = 0
-    for s, (r, skip, branch) in enumerate(residual):
+    for s, (r, skip, branches) in enumerate(residual):
         after = nx.descendants(G, skip)
-        outs = _summands(branch, skip, dep, G)
+        outs = [o for branch in branches for o in _summands(branch, skip, dep, G)]
         regions = [_region(G, skip, o, after) for o in outs]
         names = [namer.qualname(reg) for reg in regions]
         if len(outs) > 1 and len(set(names)) < len(names):
-            outs, regions = [branch], [_region(G, skip, branch, after)]
+            if len(branches) > 1:
+                raise StructureError(
+                    f"the residual step at '{r.name}' (module {module_path(r) or '?'}) adds {len(outs)} branches that "
+                    "come from the same module; jetfx cannot tell them apart")
+            outs, regions = [branches[0]], [_region(G, skip, branches[0], after)]
             names = [namer.qualname(regions[0])]
         triples = sorted(zip(outs, regions, names), key=lambda t: order[t[0]])
         blocks = []
@@ -263,7 +265,7 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
                             "the tokens but is not its stream input; jets treat it as a constant",
                             stacklevel=2,
                         )
-            kind = _kind(reg, dep)
+            kind = _kind(reg, dep, skip)
             short = _short_name(qual) if qual else f"block{block_index}"
             if short in used_names:
                 used_names[short] += 1
@@ -302,23 +304,62 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
         steps=tuple(steps),
         decoder=decoder,
         side_inputs=tuple(n.name for n in graph.nodes if n in side),
+        rewrites=tuple(rewrites),
     )
     _annotate(graph, structure, dep)
     return structure
 
 
-def _kind(region: set[fx.Node], dep: set[fx.Node]) -> str:
-    matmuls = 0
-    for n in region:
-        if n.op != "call_function":
-            continue
-        if n.target in ATTENTION_OPS:
-            return "attn"
-        if n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default) and len(_dep_args(n, dep)) >= 2:
-            return "attn"  # a product of two stream-dependent tensors: query-key scores
-        if n.target in MATMUL_OPS:
-            matmuls += 1
-    nonlinear = any(n.op == "call_function" and not _is_linear_op(n, dep) and n.target not in MATMUL_OPS for n in region)
+SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
+FUSED_ATTENTION_OPS = ATTENTION_OPS - SOFTMAX_OPS
+ROUTING_OPS = {aten.topk.default, aten.sort.default, aten.sort.stable, aten.argsort.default, aten.argmax.default,
+               aten.max.dim, aten.argsort.stable}
+MIXER_OPS = {aten.convolution.default, aten.conv1d.default, aten.cumsum.default, aten.cumprod.default,
+             aten._conv_depthwise2d.default}
+
+
+def _smooth(region: set[fx.Node], stream: fx.Node) -> set[fx.Node]:
+    """Floating-point nodes of a block computed from its stream input through floating values: integer
+    nodes (routing indices, masks) break the chain, so `expert_weight[index]` is not stream data."""
+    smooth = {stream}
+    for n in sorted(region, key=_order_key(stream)):
+        v = val(n)
+        floating = isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+        if isinstance(v, (tuple, list)):
+            floating = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v)
+        if floating and any(a in smooth for a in n.all_input_nodes):
+            smooth.add(n)
+    return smooth
+
+
+def _order_key(stream: fx.Node):
+    order = {n: i for i, n in enumerate(stream.graph.nodes)}
+    return lambda n: order[n]
+
+
+def _kind(region: set[fx.Node], dep: set[fx.Node], stream: fx.Node | None = None) -> str:
+    """attn (a product of two stream-dependent tensors: query-key scores), moe (routed experts: a
+    top-k or sort of stream data, then products), mixer (state-space / convolutional token mixing),
+    mlp (two products and a non-linearity) or other."""
+    smooth = _smooth(region, stream) if stream is not None else dep
+    calls = [n for n in region if n.op == "call_function"]
+
+    def on_stream(n):
+        return any(a in smooth for a in n.all_input_nodes)
+
+    if any(n.target in FUSED_ATTENTION_OPS for n in calls):
+        return "attn"
+    softmax = any(n.target in SOFTMAX_OPS and on_stream(n) for n in calls)
+    products = any(n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default)
+                   and len([a for a in n.all_input_nodes if a in smooth]) >= 2 for n in calls)
+    if products and softmax:
+        return "attn"  # softmax over a product of two stream-dependent tensors: query-key scores
+    matmuls = sum(1 for n in calls if n.target in MATMUL_OPS or "grouped_mm" in str(n.target))
+    if any(n.target in ROUTING_OPS and on_stream(n) for n in calls) and matmuls >= 2:
+        return "moe"
+    if products or any(n.target in MIXER_OPS and on_stream(n) for n in calls):
+        return "mixer"  # token mixing without softmax: state-space scans, convolutions, linear attention
+    nonlinear = any(not _is_linear_op(n, dep) and n.target not in MATMUL_OPS for n in calls)
     return "mlp" if matmuls >= 2 and nonlinear else "other"
 
 
@@ -330,8 +371,12 @@ def _decoder(gm, h_last: fx.Node, logits: fx.Node, nodes: set[fx.Node], dep, gra
     unembedding = None
     norm_output = None
     node = logits
-    # Walk back over a linear tail (views, slices, casts) to the unembedding matmul.
+    # Walk back over a tail of casts, full slices and same-shape views to the unembedding matmul: U
+    # can be split off only if its output is the logits (ProphetNet selects one of its n-gram streams
+    # after U: its decoder is not split).
     while node in nodes and node is not h_last:
+        if node is not logits and not _same_shape(node, logits):
+            break
         if node.op == "call_function" and node.target in (aten.linear.default, aten.mm.default, aten.matmul.default):
             weight = node.args[1]
             bias = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 else None
@@ -341,7 +386,7 @@ def _decoder(gm, h_last: fx.Node, logits: fx.Node, nodes: set[fx.Node], dep, gra
                     unembedding = weight.target
                     norm_output = node.args[0].name if isinstance(node.args[0], fx.Node) else None
             break
-        if is_identity_like(node) or node.target in _LINEAR_SHAPE_OPS:
+        if is_identity_like(node) or node.target in (aten.slice.Tensor, aten.view.default, aten.reshape.default):
             node = node.args[0]
             continue
         break

@@ -40,6 +40,7 @@ from torch import fx
 from ..errors import ExpansionError, check_order
 from ._graph import aten
 from .batching import BatchedGraph
+from .decompose import data_dependent, grouped_mm
 
 __all__ = ["TaylorJet", "taylor_graph_module", "RULES", "supported_ops"]
 
@@ -68,6 +69,15 @@ class Series:
 
     def nonzero(self, start=0):
         return [j for j in range(start, len(self.cs)) if self.cs[j] is not None]
+
+
+class Parts:
+    """A tuple-valued node whose elements differ in kind (topk: smooth values, constant indices)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items):
+        self.items = list(items)
 
 
 class _Unsupported(Exception):
@@ -788,6 +798,69 @@ def rule_addmm(ctx, node, args, kwargs):  # beta·input + alpha·(m1 @ m2)
     return B.shift(prod, B.scale(_cval(inp), beta, ctx.base + "_in") if isinstance(_cval(inp), fx.Node) else _cval(inp) * beta, ctx.base)
 
 
+def rule_view(ctx, node, args, kwargs):
+    """view(x, shape) as reshape: coefficients made by other rules (gathers, expands) need not have
+    the strides a view of the original value had."""
+    if any(_is_series(a) for a in args[1:]):
+        raise _Unsupported
+    u, shape, B = args[0], _cval(args[1]), ctx.b
+    stack = B.stack_of(u)
+    if stack is not None:  # stacked coefficients stay stacked: one reshape for all of them
+        shifted = _on_stack_args(aten.reshape.default, (shape,), {}, len(u.nonzero()))
+        if shifted is not None:
+            new = B.call(aten.reshape.default, (stack, *shifted), name=ctx.base + "_stacked")
+            return B.from_stack(new, u.nonzero(), len(u.cs), ctx.base)
+    return B.linear(u, lambda c, name: B.call(aten.reshape.default, (c, shape), name=name), ctx.base)
+
+
+def rule_convolution(ctx, node, args, kwargs):
+    """conv1d(x, w, b, …) / convolution(x, w, b, …): linear in x for a constant kernel; the bias
+    enters the zeroth coefficient only (state-space mixers convolve over positions)."""
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if _is_series(w) or _is_series(bias) or kwargs:
+        raise _Unsupported
+    rest = tuple(_cval(a) for a in args[3:])
+    wc, bc = _cval(w), _cval(bias)
+    B = ctx.b
+    return B.linear(x, lambda c, name: B.call(node.target, (c, wc, None, *rest), name=name), ctx.base,
+                    c0=lambda c, name: B.call(node.target, (c, wc, bc, *rest), name=name))
+
+
+def _joint_linear(*positions):
+    """Ops linear in several arguments together, all others constant: slice_scatter(base, src),
+    select_scatter, copy(dst, src), index_put(base, indices, values). A coefficient takes every
+    such argument's coefficient, zeros where one has none."""
+
+    def rule(ctx, node, args, kwargs):
+        if any(_is_series(a) for i, a in enumerate(args) if i not in positions) or \
+                any(_is_series(v) for v in kwargs.values()):
+            raise _Unsupported
+        B = ctx.b
+        kw = {key: _cval(v) for key, v in kwargs.items()}
+        out = []
+        for j in range(ctx.k + 1):
+            name = B.cname(ctx.base, j)
+            if j > 0 and all(not _is_series(args[i]) or args[i][j] is None for i in positions):
+                out.append(None)
+                continue
+            call_args = []
+            for i, a in enumerate(args):
+                if i not in positions:
+                    call_args.append(_cval(a))
+                elif j == 0:
+                    call_args.append(a[0] if _is_series(a) else _cval(a))
+                elif _is_series(a) and a[j] is not None:
+                    call_args.append(a[j])
+                else:
+                    zero_of = a[0] if _is_series(a) else _cval(a)
+                    call_args.append(B.call(aten.zeros_like.default, (zero_of,), name=name + "_zero"))
+            out.append(B.call(node.target, tuple(call_args), kw, name=name))
+        return Series(out)
+
+    return rule
+
+
 def rule_neg(ctx, node, args, kwargs):
     return rule_linear_first(ctx, node, args, kwargs)
 
@@ -1024,6 +1097,76 @@ def rule_constant_pad(ctx, node, args, kwargs):
                     c0=lambda c, name: B.call(node.target, (c, pad, value), name=name))
 
 
+# -- selections: piecewise smooth, the choice is made at the center --------------------------------
+#
+# topk, sort, max/min along a dim and amax/amin select entries of their input. Which entries is
+# piecewise constant in x: the jet keeps the center's choice (indices from c_0) and carries every
+# coefficient through the same gather; the remainder of an expansion absorbs what changes when
+# the variate selects otherwise (mixture-of-experts routing, max-pooling, …).
+
+
+def _select_values(ctx, u: Series, idx, dim, keepdim=True):
+    B = ctx.b
+
+    def fn(c, name):
+        out = B.call(aten.gather.default, (c, dim, idx), name=name)
+        return out if keepdim else B.call(aten.squeeze.dim, (out, dim), name=name)
+
+    return Series([None] + [None if c is None else fn(c, B.cname(ctx.base, j)) for j, c in enumerate(u.cs) if j > 0])
+
+
+def rule_topk(ctx, node, args, kwargs):  # topk(x, k, dim=-1, largest=True, sorted=True) / sort(x, dim, descending)
+    u = args[0]
+    if not _is_series(u) or any(_is_series(a) for a in args[1:]):
+        raise _Unsupported
+    B = ctx.b
+    rest = tuple(_cval(a) for a in args[1:])
+    kw = {key: _cval(v) for key, v in kwargs.items()}
+    pair = B.call(node.target, (u[0], *rest), kw, name=ctx.base + "_center")
+    values0 = B.call(operator.getitem, (pair, 0), name=B.cname(ctx.base, 0))
+    idx = B.call(operator.getitem, (pair, 1), name=ctx.base + "_index")
+    name = str(getattr(node.target, "overloadpacket", node.target))
+    if name.endswith("topk"):
+        dim = rest[1] if len(rest) > 1 else kw.get("dim", -1)
+    else:  # sort(self, dim=-1, descending=False) / sort.stable(self, *, stable, dim, descending)
+        dim = rest[0] if rest and isinstance(rest[0], int) else kw.get("dim", -1)
+    values = _select_values(ctx, u, idx, dim)
+    values.cs[0] = values0
+    return Parts([values, Const(idx)])
+
+
+def rule_max_dim(ctx, node, args, kwargs):  # max.dim(x, dim, keepdim=False) -> (values, indices)
+    u = args[0]
+    if not _is_series(u) or any(_is_series(a) for a in args[1:]):
+        raise _Unsupported
+    B = ctx.b
+    dim = _cval(args[1]) if len(args) > 1 else _cval(kwargs.get("dim"))
+    keep = bool(_cval(args[2]) if len(args) > 2 else _cval(kwargs.get("keepdim", False)))
+    pair = B.call(node.target, (u[0], dim, True), name=ctx.base + "_center")
+    idx = B.call(operator.getitem, (pair, 1), name=ctx.base + "_index")
+    values = _select_values(ctx, u, idx, dim, keepdim=keep)
+    v0 = B.call(operator.getitem, (pair, 0), name=B.cname(ctx.base, 0))
+    values.cs[0] = v0 if keep else B.call(aten.squeeze.dim, (v0, dim), name=B.cname(ctx.base, 0))
+    out_idx = idx if keep else B.call(aten.squeeze.dim, (idx, dim), name=ctx.base + "_index")
+    return Parts([values, Const(out_idx)])
+
+
+def rule_amax(ctx, node, args, kwargs):  # amax(x, dim=[], keepdim=False) along one dim
+    u = args[0]
+    dims = _cval(args[1]) if len(args) > 1 else _cval(kwargs.get("dim", []))
+    keep = bool(_cval(args[2]) if len(args) > 2 else _cval(kwargs.get("keepdim", False)))
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not _is_series(u) or len(dims) != 1:
+        raise _Unsupported
+    B = ctx.b
+    pick = aten.argmax.default if "amax" in str(node.target) else aten.argmin.default
+    idx = B.call(pick, (u[0], dims[0], True), name=ctx.base + "_index")
+    values = _select_values(ctx, u, idx, dims[0], keepdim=keep)
+    values.cs[0] = B.call(node.target, (u[0], *[_cval(a) for a in args[1:]]), {k_: _cval(v) for k_, v in kwargs.items()},
+                          name=B.cname(ctx.base, 0))
+    return values
+
+
 def rule_identity(ctx, node, args, kwargs):
     return args[0]
 
@@ -1104,7 +1247,7 @@ _LINEAR_FIRST = [
     "repeat", "narrow", "roll", "flip", "index_select", "gather", "index", "split", "split_with_sizes", "chunk",
     "unbind", "tril", "triu", "diagonal", "movedim", "swapaxes", "transpose_copy", "view_copy", "expand_copy",
     "permute_copy", "squeeze_copy", "unsqueeze_copy", "slice_copy", "select_copy", "lift_fresh_copy", "detach_",
-    "_to_copy", "to", "type_as", "as_strided", "cumsum", "trace",
+    "_to_copy", "to", "type_as", "as_strided", "cumsum", "trace", "view_as_real", "view_as_complex",
 ]
 
 RULES: dict = {}
@@ -1118,6 +1261,12 @@ def _register(names, rule):
 
 
 _register(_LINEAR_FIRST, rule_linear_first)
+_register(["slice_scatter", "select_scatter", "copy", "diagonal_scatter"], _joint_linear(0, 1))
+RULES[aten.index_put.default] = _joint_linear(0, 2)
+RULES[aten.conv1d.default] = rule_convolution
+RULES[aten.convolution.default] = rule_convolution
+RULES[aten.view.default] = rule_view
+RULES[aten._unsafe_view.default] = rule_view
 _register(["cat", "stack", "hstack", "vstack", "concat", "concatenate"], rule_linear_list)
 _register(["add"], rule_add)
 _register(["sub"], rule_sub)
@@ -1149,9 +1298,15 @@ _register(["isnan", "isinf", "isfinite", "isposinf", "isneginf", "eq", "ne", "gt
 _register(["masked_fill"], rule_masked_fill)
 _register(["constant_pad_nd"], rule_constant_pad)
 _register(["detach"], rule_identity)  # detach in an inference graph only cuts autograd
+_register(["topk", "sort"], rule_topk)
+RULES[aten.max.dim] = rule_max_dim
+RULES[aten.min.dim] = rule_max_dim
+_register(["amax", "amin"], rule_amax)
 _register(["rms_norm"], rule_rms_norm)
 _register(["layer_norm"], rule_layer_norm)
 RULES[operator.getitem] = rule_getitem
+# grouped expert products (passes.decompose.grouped_mm): linear in the routed rows, offsets constant
+RULES[grouped_mm] = rule_linear_first
 # `aten.embedding(weight, ids)`: ids never depend on x and weights are parameters, so it is a
 # constant; if the weight depended on x it would be linear in it:
 RULES[aten.embedding] = rule_linear_first
@@ -1206,7 +1361,9 @@ def _fallback_coefficients(op, k: int, spec, *flat):
         a, kw = build(t)
         return op(*a, **kw)
 
-    ref = next(c for c in flat if isinstance(c, torch.Tensor) and c.is_floating_point())
+    ref = next((c for c in flat if isinstance(c, torch.Tensor) and c.is_floating_point()), None)
+    if ref is None:
+        raise ExpansionError(f"{op} has no floating input to take a Taylor expansion in")
     t0 = torch.zeros((), dtype=ref.dtype, device=ref.device)
     from ..jets import _derivatives
 
@@ -1295,6 +1452,9 @@ def taylor_graph_module(region: fx.GraphModule, k: int, strict: bool = False, di
         v = env[a]
         if isinstance(v, Series):
             return v[0]
+        if isinstance(v, Parts):
+            raise ExpansionError(f"'{a.name}' ({a.target}{_where(a)}) is used as a whole tuple; jetfx jets "
+                                 "can only read its elements")
         return v.value
 
     for node in src.nodes:
@@ -1321,7 +1481,14 @@ def taylor_graph_module(region: fx.GraphModule, k: int, strict: bool = False, di
             new = g.node_copy(node, as_const_arg)
             env[node] = Const(new)
             continue
-        unwrap = lambda a: env[a] if isinstance(env[a], Series) else env[a].value  # noqa: E731
+        if node.target is operator.getitem and isinstance(env.get(node.args[0]), Parts):
+            env[node] = env[node.args[0]].items[node.args[1]]
+            continue
+        if _piecewise_constant(node):  # routing indices, masks, comparisons: taken at the center
+            new = g.node_copy(node, as_const_arg)
+            env[node] = Const(new)
+            continue
+        unwrap = lambda a: env[a] if isinstance(env[a], (Series, Parts)) else env[a].value  # noqa: E731
         args = fx.node.map_arg(node.args, unwrap)
         kwargs = fx.node.map_arg(node.kwargs, unwrap)
         if not _series_args(args, kwargs):
@@ -1336,6 +1503,13 @@ def taylor_graph_module(region: fx.GraphModule, k: int, strict: bool = False, di
                 result = rule(ctx, node, args, kwargs)
             except _Unsupported:
                 result = None
+            except Exception as e:  # noqa: BLE001 - a rule that cannot handle these arguments
+                raise ExpansionError(
+                    f"the Taylor-mode rule for {node.target} (node '{node.name}'{_where(node)}) failed: "
+                    f"{type(e).__name__}: {e}; use jets='nested' for this model") from e
+        if result is None and any(isinstance(env.get(a), Parts) for a in node.all_input_nodes):
+            raise ExpansionError(f"{node.target} (node '{node.name}'{_where(node)}) reads a multi-output value "
+                                 "as a whole; jetfx jets cannot go through it")
         if result is None:
             fallback.append(str(node.target) if node.op == "call_function" else f"Tensor.{node.target}")
             if strict:
@@ -1350,10 +1524,41 @@ def taylor_graph_module(region: fx.GraphModule, k: int, strict: bool = False, di
             f"no Taylor-mode rule for {', '.join(names)}; use strict=False to compute these ops by "
             "nested forward AD, or jets='nested' for the whole expansion"
         )
-    gm = fx.GraphModule(region, g, class_name="TaylorJetGraph")
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    try:
+        gm = fx.GraphModule(region, g, class_name="TaylorJetGraph")
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    except Exception as e:  # noqa: BLE001 - generated code that does not compile is jetfx's bug, said clearly
+        raise ExpansionError(f"the Taylor-mode graph of this block could not be generated ({type(e).__name__}: "
+                             f"{e}); ops without rules: {', '.join(sorted(set(fallback))) or 'none'}. "
+                             "Use jets='nested' for this model") from e
     return gm, sorted(set(fallback))
+
+
+# Ops whose value is piecewise constant in their floating inputs (zero derivative almost everywhere).
+PIECEWISE_CONSTANT = {aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default,
+                      aten.trunc.default, aten.heaviside.default}
+
+
+def _piecewise_constant(node: fx.Node) -> bool:
+    """Integer or boolean outputs (indices, masks, comparisons) and step functions: their jets are
+    their value at the center. The jet of a routed computation thus keeps the center's routing."""
+    if node.op == "call_function" and node.target in PIECEWISE_CONSTANT:
+        return True
+    v = node.meta.get("val")
+    values = v if isinstance(v, (tuple, list)) else (v,)
+    tensors = [t for t in values if isinstance(t, torch.Tensor)]
+    return bool(tensors) and len(tensors) == len(values) and not any(t.is_floating_point() or t.is_complex() for t in tensors)
+
+
+def _where(node: fx.Node) -> str:
+    from ._graph import module_path
+
+    path = module_path(node)
+    return f", in module {path}" if path else ""
+
+
+from ..jets import clear_errors  # noqa: E402 - jets imports this module lazily
 
 
 class TaylorJet(torch.nn.Module):
@@ -1373,8 +1578,10 @@ class TaylorJet(torch.nn.Module):
         self.direction = direction  # True: forward's second input is the direction v, not the variate y
         gm, fallback = taylor_graph_module(region, self.k, strict=strict, direction=direction)
         self.graph_module = gm
-        self.batched = BatchedGraph(gm)  # gm over the centers: vmap, then a graph traced once
         self.fallback_ops = fallback
+        self._jetfx_loop = data_dependent(gm)  # routed experts: one center at a time
+        self.batched = BatchedGraph(gm, owner=self)  # gm over the centers: vmap, then a graph traced once
+        self.block_name = getattr(region, "block_name", None)
         if fallback:
             warnings.warn(
                 f"Taylor-mode jets: no rule for {', '.join(fallback)}; these ops are computed by "
@@ -1382,6 +1589,7 @@ class TaylorJet(torch.nn.Module):
                 stacklevel=2,
             )
 
+    @clear_errors("Taylor-mode jets")
     def forward(self, centers: torch.Tensor, variate: torch.Tensor, *side, coefficients: bool | None = None):
         coefficients = self.coefficients if coefficients is None else coefficients
         cs = list(self.batched(centers, variate, *side))
