@@ -69,11 +69,20 @@ class ExpansionOutput:
         if not rel <= tol:  # also catches nan
             with torch.no_grad():
                 biggest = float(self.stacked.abs().amax()) if self.stacked.numel() else 0.0
-            warnings.warn(
-                f"the expansion is not exact in {str(self.logits.dtype).replace('torch.', '')}: "
-                f"max |Σ paths + remainder − logits| is {rel:.3g} of the logits' scale (tolerance {tol:.1e}); "
-                f"the path terms reach {biggest:.3g}, so their sum loses the logits to rounding. Use a lower order k, "
-                "or trace in float64: jetfx.trace(model, tokens, dtype=torch.float64)", ExactnessWarning, stacklevel=3)
+                scale = float(self.logits.abs().max().clamp(min=1))
+            what = (f"the expansion is not exact in {str(self.logits.dtype).replace('torch.', '')}: "
+                    f"max |Σ paths + remainder − logits| is {rel:.3g} of the logits' scale (tolerance {tol:.1e}); "
+                    f"the path terms reach {biggest:.3g}")
+            # rounding loses at most a few eps of the largest term per term summed
+            rounding = 1e3 * torch.finfo(self.logits.dtype).eps * max(1.0, biggest / scale) * (len(self.names) + 1)
+            if rel != rel or rel <= rounding or biggest != biggest or biggest == float("inf"):
+                why = ("so their sum loses the logits to rounding. Use a lower order k, or trace in float64: "
+                       "jetfx.trace(model, tokens, dtype=torch.float64)")
+            else:
+                why = ("which rounding cannot explain: a path or the remainder was changed after the module computed "
+                       "them (a hook or an intervention that bypassed ex.hooks), or a rule of the expansion is wrong "
+                       "— if nothing changed them, please report it with the model")
+            warnings.warn(f"{what}, {why}", ExactnessWarning, stacklevel=3)
         return rel
 
 
@@ -373,7 +382,10 @@ def _hooked(module: "ExpandedModule") -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in (module, *module.hooks.values()))
+    # nnsight replaces a module's `forward` on the instance (for as long as it wraps the module)
+    # instead of registering hooks
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+               for m in (module, *module.hooks.values()))
 
 
 def _value_of(out: ExpansionOutput, name: str) -> torch.Tensor:

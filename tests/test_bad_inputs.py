@@ -197,6 +197,17 @@ def test_high_order_loss_of_exactness_is_reported():
     assert out64.relative_error() < 1e-8
 
 
+def test_a_failure_rounding_cannot_explain_is_told_apart_from_rounding(gm):
+    """Terms of the logits' size that miss them by 10 %: not rounding, and the message says what else it is."""
+    from jetfx.expanded import ExpansionOutput
+
+    ex = jetfx.expand(gm, k=1, paths=P.max_blocks(1))
+    out = ex(torch.tensor([[1, 2, 3, 4]]))
+    changed = ExpansionOutput(out.names, out.stacked, out.remainder + 0.1 * out.logits.abs().max(), out.logits)
+    with pytest.warns(jetfx.errors.ExactnessWarning, match="rounding cannot explain.*hook"):
+        changed.check()
+
+
 def test_symbolic_view_of_a_deep_model_prints_in_linear_size():
     from tiny_models import LinearResNet
 
