@@ -113,3 +113,12 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
         else:
             pytest.fail(f"README.md:{line}: unknown block language {lang!r} (python, bash or none)")
     assert ran >= 8
+
+
+def test_output_check_catches_wrong_figures_names_and_order():
+    """The comparison can fail: a figure off by more than its last digit, another block, another order."""
+    check_output("cosine 0.8530, top-1 0.681\n…\nrun 1 …", "x\ncosine 0.85304, top-1 0.6812\nrun 1 of 3", 1)
+    for shown, real in [("cosine 0.8530", "cosine 0.8630"), ("layers.3.mlp 7", "layers.4.mlp 7"),
+                        ("count 1152921504606846976", "count 1152921504606846977"), ("a\nb", "b\na")]:
+        with pytest.raises(AssertionError):
+            check_output(shown, real, 1)
