@@ -139,8 +139,11 @@ def run_ngrams(args) -> int:
     from .errors import JetfxError
 
     group = D.join()
+    finished = False
     try:
-        return _run_ngrams(args, group)
+        status = _run_ngrams(args, group)
+        finished = True
+        return status
     except BaseException as e:
         if group.main:
             if isinstance(e, D.PeerLost):  # a rank stopped before the work was shared out
@@ -157,7 +160,7 @@ def run_ngrams(args) -> int:
             return 2
         raise
     finally:
-        group.close()
+        group.close(synchronize=finished)
 
 
 def _run_ngrams(args, group) -> int:

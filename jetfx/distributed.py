@@ -98,7 +98,7 @@ class Group:
             error.agreed = True  # every rank knows: rank 0 reports it
             raise error
 
-    def close(self) -> None:
+    def close(self, synchronize: bool = False) -> None:
         pass
 
 
@@ -187,8 +187,16 @@ class _TorchGroup(Group):
             raise error
         raise FailedElsewhere(src, self.hosts[src], bytes(message.tolist()).decode(errors="replace"))
 
-    def close(self) -> None:
+    def close(self, synchronize: bool = False) -> None:
+        """Leave the group. `synchronize`: this rank finished normally — meet the others at a barrier
+        first, so that no rank tears its connections down while another still uses them (gloo then
+        aborts the process at exit: "terminate called without an active exception")."""
         if self.dist.is_initialized():
+            if synchronize:
+                try:
+                    self.dist.barrier()
+                except RuntimeError:  # a rank already gone: nothing left to wait for
+                    pass
             self.dist.destroy_process_group()
 
 
