@@ -1,7 +1,7 @@
 """Read a torch.export `.pt2` archive without running any code that the file brings.
 
-`torch.export.load` trusts its input: it unpickles the sample inputs (falling back to
-`weights_only=False`), unpickles custom objects and pickled weights, `exec`s the archive's guard code
+`torch.export.load` trusts its input: it unpickles the sample inputs (falling back to torch.load's
+unrestricted unpickler), unpickles custom objects and pickled weights, `exec`s the archive's guard code
 when the module is built, `sympify`s (that is, `eval`s) symbolic-shape strings, and resolves node
 targets by `getattr` from the `torch` module (`torch.os.system` resolves). This reader accepts only
 what a jetfx export holds and refuses everything else *before* torch sees it:
