@@ -86,6 +86,13 @@ def reads_values(user: fx.Node) -> bool:
     return True
 
 
+def replace_node(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> None:
+    """Put `new` in `node`'s place: it takes node's metadata (shapes, module stack) and its users."""
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def val(node: fx.Node):
     """The example value recorded by torch.export (a FakeTensor, SymInt, tuple…) or None."""
     return node.meta.get("val", node.meta.get("example_value"))

@@ -13,7 +13,7 @@ import operator
 
 from torch import fx
 
-from ._graph import aten, is_identity_like
+from ._graph import aten, is_identity_like, replace_node
 
 
 def drop_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
@@ -79,9 +79,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(functional, node.args, node.kwargs)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm, node, new)
     gm.recompile()
     return gm
 

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import fx
 
-from ._graph import aten, val
+from ._graph import aten, replace_node, val
 from .cleanup import functionalize_inplace
 
 
@@ -192,9 +192,7 @@ def decompose_grouped_mm(gm: fx.GraphModule) -> fx.GraphModule:
             continue  # another form of grouped product: left to the fallback
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(grouped_mm, (args["input"], args["weight"], args["offs"]))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm, node, new)
     gm.recompile()
     return gm
 
@@ -212,9 +210,7 @@ def decompose_copy(gm: fx.GraphModule) -> fx.GraphModule:
             dv, sv = val(dst), val(src)
             if dv is not None and sv is not None and dv.dtype != sv.dtype:
                 new = gm.graph.call_function(aten._to_copy.default, (new,), {"dtype": dv.dtype})
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm, node, new)
     gm.recompile()
     return gm
 

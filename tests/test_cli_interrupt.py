@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import jetfx
 from jetfx.cli import main
 from jetfx.interactions import CHECKPOINT, interactions
 from jetfx.ngram_db import NgramDB, extract
+from sqlite_reading import query
 from tiny_models import save_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,18 +75,6 @@ def interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tuple
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     return finish(proc)
-
-
-def query(db, sql, *params):
-    if not Path(db).exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return con.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:  # no tables yet
-        return []
-    finally:
-        con.close()
 
 
 def intact(db) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from jetfx.cli import main
+from sqlite_reading import query
 from tiny_models import save_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +49,6 @@ def torchrun(*args, nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                              str(nproc), "--max-restarts", str(restarts), "-m", "jetfx", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-
-
-def query(db, sql, *params):
-    if not Path(db).exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return con.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:  # no tables yet
-        return []
-    finally:
-        con.close()
 
 
 def saved(db) -> int:
