@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from ._graph import aten
+from .peephole import peephole
 
 
 def map_centers(fn: Callable, *batched: torch.Tensor, owner=None):
@@ -133,7 +134,7 @@ def trace_batched(module: torch.nn.Module, centers: torch.Tensor, *shared) -> fx
 
     with torch.no_grad():
         gm = make_fx(mapped)(_params(module), centers, *shared)
-    return drop_identity_views(gm)
+    return peephole(drop_identity_views(gm))
 
 
 def _same(got: torch.Tensor, want: torch.Tensor) -> bool:

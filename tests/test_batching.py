@@ -181,3 +181,53 @@ def test_tracing_waits_until_vmap_has_cost_as_much():
         tj(centers, x, *side)
         assert list(tj.batched.graphs.values())[0] is not None and not tj.batched.spent
         torch.testing.assert_close(tj(centers, x, *side), first, rtol=1e-12, atol=1e-12)
+
+
+def _call_ops(gm):
+    return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("arch,fired", [("gpt2", ("bias_in_place", "negated_add", "scalar_where", "stack_before_copy")),
+                                        ("llama", ("dedupe", "scalar_where", "stack_before_copy"))])
+def test_peephole_rewrites_give_the_same_bits(arch, fired, monkeypatch):
+    """The rewrites of the traced attention jet (passes/peephole.py) fire and change no bit."""
+    from jetfx.passes import batching
+
+    region, x, side = _block(arch, "attn")
+    centers = torch.stack([0.5 * x, x + 0.1 * torch.randn(x.shape, generator=_gen(4), dtype=x.dtype)])
+    for k in (1, 2):
+        tj = TaylorJet(region, k)
+        params = dict(tj.graph_module.named_parameters())
+        with torch.no_grad():
+            rewritten = trace_batched(tj.graph_module, centers, x, *side)
+            with monkeypatch.context() as m:
+                m.setattr(batching, "peephole", lambda gm: gm)
+                plain = trace_batched(tj.graph_module, centers, x, *side)
+            counts = rewritten.meta["peephole"]
+            assert all(counts[name] >= 1 for name in fired), counts
+            assert _call_ops(rewritten) < _call_ops(plain)
+            for got, want in zip(rewritten(params, centers, x, *side), plain(params, centers, x, *side)):
+                assert torch.equal(got, want)
+
+
+def test_bias_is_added_in_place_only_into_a_fresh_product():
+    """select(T, 0, 0).add_(b) replaces the cat only when T is computed by a matmul here; an
+    input T (a weight, a caller's tensor) is never written."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from jetfx.passes.peephole import peephole
+
+    def biased(t, b):
+        return aten.cat.default([aten.unsqueeze.default(aten.add.Tensor(aten.select.int(t, 0, 0), b), 0),
+                                 aten.slice.Tensor(t, 0, 1, 2**63 - 1)], 0)
+
+    a, w, b = (torch.randn(s, generator=_gen(5), dtype=torch.float64) for s in ((6, 3), (3, 4), (4,)))
+    fresh = peephole(make_fx(lambda a, w, b: biased(aten.view.default(aten.mm.default(a, w), [2, 3, 4]), b))(a, w, b))
+    assert fresh.meta["peephole"]["bias_in_place"] == 1
+    assert aten.cat.default not in [n.target for n in fresh.graph.nodes]
+    assert torch.equal(fresh(a, w, b), biased((a @ w).view(2, 3, 4), b))
+    t = torch.randn(2, 3, 4, generator=_gen(6), dtype=torch.float64)
+    kept = t.clone()
+    given = peephole(make_fx(biased)(t, b))
+    assert given.meta["peephole"]["bias_in_place"] == 0
+    assert torch.equal(given(t, b), biased(kept, b)) and torch.equal(t, kept)

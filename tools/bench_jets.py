@@ -15,7 +15,11 @@ Prints JSON on stdout and a summary table on stderr. For SmolLM2-135M and a rand
 - lens (with --lens): an iterative jet lens over all layers: J^k of every block at its stream
   input, evaluated at input + small delta, one center each; as ratios to one forward of the model.
 
-Every figure is the median of at least `--reps` timed calls (default 5) after two warm-up calls,
+The Taylor jet and the forwards it is compared with are timed in alternation (rounds of one
+sample each; a sample averages consecutive calls lasting about 2 ms), and each ratio is the
+median over at least `--reps` rounds (default 5) of the ratio within a round: a machine whose
+speed drifts during the run moves both sides of a ratio together. Other figures are medians of
+at least `--reps` timed calls. All after two warm-up calls,
 under `torch.no_grad()` (double backward enables grad itself); the batched graphs of the jets and
 of the N-center forward are traced first (`BatchedGraph.trace`: the steady state of repeated
 calls; `first_call_s` and `trace_s` report the one-off costs). Wall-clock times: run it on a
@@ -49,6 +53,38 @@ def timeit(fn, reps=5, min_time=0.2, max_reps=50):
     return statistics.median(times)
 
 
+def interleaved(fns: dict, reps=5, min_time=0.2, max_reps=50, sample_s=2e-3):
+    """Time several functions in alternation: rounds of one sample each (a sample: consecutive
+    calls lasting about `sample_s`, averaged), at least `reps` rounds (more while under `min_time`).
+
+    Returns (median seconds per call of each function, median over rounds of each function's
+    time over the first function's). A machine that slows down or speeds up during the run moves
+    both sides of a ratio together: the ratio of one round compares calls made side by side.
+    """
+    for fn in fns.values():
+        fn()
+        fn()
+    inner = {}
+    for name, fn in fns.items():
+        t = time.perf_counter()
+        fn()
+        inner[name] = max(1, min(50, int(sample_s / max(time.perf_counter() - t, 1e-7))))
+    samples = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < reps or (time.perf_counter() - start < min_time and rounds < max_reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t) / inner[name])
+        rounds += 1
+    base = next(iter(fns))
+    medians = {name: statistics.median(v) for name, v in samples.items()}
+    ratios = {name: statistics.median(a / b for a, b in zip(v, samples[base])) for name, v in samples.items()}
+    return medians, ratios
+
+
 def _block_inputs(gm, ids, b, n_centers, gen):
     from jetfx.functions import block_region, capture
 
@@ -79,10 +115,11 @@ def bench_blocks(gm, ids, ks, n_centers, reps, quick, compare=True):
     for kind, b in _picks(gm).items():
         region, x, side, centers = _block_inputs(gm, ids, b, n_centers, gen)
         with torch.no_grad():
-            t_fwd1 = timeit(lambda: region.module(x, *side), reps, mt)
             ev = Evaluate(region.module)
             ev.batched.trace(centers, *side)
-            t_fwd = timeit(lambda: ev(centers, x, *side), reps, mt)
+            medians, _ = interleaved({"forward1": lambda: region.module(x, *side),
+                                      "forward": lambda: ev(centers, x, *side)}, reps, mt)
+        t_fwd1, t_fwd = medians["forward1"], medians["forward"]
         entry = {"block": b.name, "forward_ms": round(t_fwd * 1e3, 3), "forward1_ms": round(t_fwd1 * 1e3, 3)}
         for k in ks:
             t0 = time.perf_counter()
@@ -95,11 +132,15 @@ def bench_blocks(gm, ids, ks, n_centers, reps, quick, compare=True):
                 t0 = time.perf_counter()
                 tj.batched.trace(centers, x, *side)  # what repeated calls would do after a while
                 trace_s = time.perf_counter() - t0
-                t_taylor = timeit(lambda: tj(centers, x, *side), reps, mt)
+                # the jet timed in alternation with both forwards: its ratios compare calls made side by side
+                medians, ratios = interleaved({"forward1": lambda: region.module(x, *side),
+                                               "forward": lambda: ev(centers, x, *side),
+                                               "taylor": lambda: tj(centers, x, *side)}, reps, mt)
+            t_taylor = medians["taylor"]
             e = {
                 "taylor_ms": round(t_taylor * 1e3, 3),
-                "x_forward": round(t_taylor / t_fwd, 2),
-                "x_forward1": round(t_taylor / t_fwd1, 2),
+                "x_forward": round(ratios["taylor"] / ratios["forward"], 2),
+                "x_forward1": round(ratios["taylor"], 2),
                 "compile_s": round(compile_s, 3),
                 "first_call_s": round(first_s, 3),
                 "trace_s": round(trace_s, 3),
