@@ -79,6 +79,8 @@ def main(argv=None):
                     help="print the markdown table of saved reports (in order) and exit")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--quick", action="store_true", help="paths through ≤ 1 block only")
+    ap.add_argument("--blocks", type=int, nargs="+", choices=(1, 2), default=[1, 2],
+                    help="path selections to measure: through ≤ 1 and/or ≤ 2 blocks (--quick: 1)")
     ap.add_argument("--ks", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--evals", type=int, default=100, help="loss evaluations of each fit, paths through ≤ 1 block")
     ap.add_argument("--evals-deep", type=int, default=30, help="loss evaluations of each fit, ≤ 2 blocks")
@@ -96,8 +98,8 @@ def main(argv=None):
         raise SystemExit(f"expected 20 held-out sentences, have {len(HELD_OUT)}")
     model, tok = jetfx.load(args.model, progress=False)
     gm = jetfx.trace(model, DEMO, tokenizer=tok)
-    selections = [("max_blocks_1", P.max_blocks(1), args.evals)]
-    if not args.quick:
+    selections = [("max_blocks_1", P.max_blocks(1), args.evals)] if 1 in args.blocks else []
+    if not args.quick and 2 in args.blocks:
         selections.append(("max_blocks_2", P.max_blocks(2), args.evals_deep))
     command = " ".join(["tools/weights_report.py", *(sys.argv[1:] if argv is None else argv)])
     report = {"model": args.model, "command": command, "demo": DEMO, "held_out": HELD_OUT, "fit_corpus": FIT_CORPUS,
