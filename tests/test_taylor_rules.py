@@ -38,6 +38,7 @@ BIAS = _rand(5, seed=6)
 MASK = _rand(3, 4, seed=7) > 0
 C33 = _rand(1, 3, 3, seed=8)
 W143 = _rand(1, 4, 3, seed=9)
+NAN133 = torch.full((1, 3, 3), float("nan"), dtype=torch.float64)  # what torch.empty may hold
 W43 = _rand(4, 3, seed=10)
 KERNEL = _rand(2, 3, 2, seed=11)  # conv1d: 2 output channels, 3 input channels, width 2
 KBIAS = _rand(2, seed=12)
@@ -202,10 +203,12 @@ CASES: dict[str, Case] = {
         aten.einsum.default("ij,jk->ik", [sigmoid(x), W43]))),  # one does
     "aten.linear": Case(lambda x: tanh(aten.linear.default(x, W, BIAS))),
     "aten.addmm": Case(lambda x: aten.addmm.default(BIAS, exp(x), W.t(), beta=0.5, alpha=2.0)),
-    "aten.baddbmm": Case(lambda x: aten.baddbmm.default(
+    "aten.baddbmm": Case(lambda x: aten.add.Tensor(aten.baddbmm.default(
         aten.baddbmm.default(C33, aten.unsqueeze.default(exp(x), 0),  # both batches depend on x
                              aten.unsqueeze.default(aten.t.default(tanh(x)), 0), beta=0.5, alpha=2.0),
-        aten.unsqueeze.default(sigmoid(x), 0), W143, alpha=1.5)),  # so does the input; one batch does
+        aten.unsqueeze.default(sigmoid(x), 0), W143, alpha=1.5),  # so does the input; one batch does
+        aten.baddbmm.default(NAN133, aten.unsqueeze.default(exp(x), 0), aten.unsqueeze.default(aten.t.default(x), 0),
+                             beta=0.0, alpha=0.5))),  # beta = 0: the input is ignored, NaNs included
     # -- elementwise.py
     "aten.exp": Case(exp),
     "aten.log": Case(lambda x: aten.log.default(x), positive=True),

@@ -229,6 +229,8 @@ def _scaled_product_plus(ctx: Ctx, node: fx.Node, product, inp, m1, m2, beta, al
     if prod is None:
         prod = Series([B.call(product, (cval(m1), cval(m2)), name=B.cname(ctx.base, 0))] + [None] * ctx.k)
     prod = Series([B.scale(c, alpha, B.cname(ctx.base, j)) for j, c in enumerate(prod.cs)])
+    if beta == 0:  # torch ignores the input then, NaNs included (attention code passes torch.empty)
+        return prod
     if is_series(inp):
         inp = Series([B.scale(c, beta, B.cname(ctx.base, j)) for j, c in enumerate(inp.cs)])
         return B.add_series(prod, inp, ctx.base)
