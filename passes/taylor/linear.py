@@ -52,8 +52,6 @@ def shift_dim(d):
 
 
 ON_STACK = {
-    "view": lambda n, shape: ([n, *shape],),
-    "_unsafe_view": lambda n, shape: ([n, *shape],),
     "reshape": lambda n, shape: ([n, *shape],),
     "expand": lambda n, sizes, *r: ([n, *sizes], *r),
     "transpose": lambda n, d0, d1: (shift_dim(d0), shift_dim(d1)),
@@ -87,7 +85,7 @@ def on_stack_args(target, rest, kw, n):
     fn = ON_STACK.get(getattr(packet, "__name__", None))
     if fn is None or (kw and packet.__name__ not in ("_to_copy", "to", "clone")):
         return None
-    if packet.__name__ in ("view", "_unsafe_view", "reshape", "expand") and not isinstance(rest[0], (list, tuple)):
+    if packet.__name__ in ("reshape", "expand") and not isinstance(rest[0], (list, tuple)):
         return None
     try:
         return tuple(fn(n, *rest))
