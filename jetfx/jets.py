@@ -19,7 +19,6 @@ jets taken by the Taylor-mode pass; where f cannot be traced, by nested forward 
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -27,48 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ExpansionError, JetfxError, check_order
+from .errors import ExpansionError, check_order
 from .passes.batching import BatchedGraph
-
-
-def clear_errors(what: str):
-    """Decorator for a jet module's forward: an error from torch inside it becomes an ExpansionError
-    that names the block (`region.block_name`) instead of a stack trace from generated code."""
-
-    def wrap(forward):
-        @functools.wraps(forward)
-        def run(self, *args, **kwargs):
-            try:
-                return forward(self, *args, **kwargs)
-            except JetfxError:
-                raise
-            except (RuntimeError, AttributeError, AssertionError, StopIteration, TypeError, IndexError,
-                    ValueError, NotImplementedError) as e:
-                name = getattr(self, "block_name", None) or getattr(getattr(self, "region", None), "block_name", None)
-                text = " ".join(str(e).split())[:300]
-                raise ExpansionError(f"{what} of {name or 'a block'} failed: {type(e).__name__}: {text}. "
-                                     "jets='nested' computes them by nested forward AD instead") from e
-
-        return run
-
-    return wrap
-
-
-def _derivatives(g: Callable[[torch.Tensor], torch.Tensor], t0: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """(g(t0), g'(t0), …, g^(k)(t0)) by k nested jvps."""
-
-    def make(n: int):
-        if n == 0:
-            return lambda t: (g(t),)
-        prev = make(n - 1)
-
-        def h(t):
-            primal, tangent = torch.func.jvp(prev, (t,), (torch.ones_like(t),))
-            return (*primal, tangent[-1])
-
-        return h
-
-    return make(k)(t0)
+from .passes.taylor import clear_errors  # jet modules' error wrapping, shared with the pass
+from .passes.taylor import nested_derivatives as _derivatives  # the reference's nested jvps, shared with the fall-back
 
 
 def jet_coefficients(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, k: int,

@@ -31,10 +31,9 @@ from functools import lru_cache
 import torch
 from torch import fx
 
-from ..jets import clear_errors
 from .batching import map_centers
 from .decompose import data_dependent
-from .taylor import taylor_graph_module
+from .taylor import clear_errors, taylor_graph_module
 
 CHUNK = 256  # univariate passes per vmap call
 
