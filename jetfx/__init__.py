@@ -7,7 +7,7 @@
 See README.md for a tour.
 """
 
-from . import functions, jets, paths, split, weights  # noqa: F401  (jetfx.functions, jetfx.jets as attributes)
+from . import functions, jets, paths, pictures, split, weights  # noqa: F401  (jetfx.functions, … as attributes; pictures: PathGraph.render)
 from .errors import ExpansionError, InputError, JetfxError, MissingDependencyError, StructureError, TraceError
 from .expanded import ExpandedModule, ExpansionOutput
 from .decomposition import ResidDecomposition, decompose_resid

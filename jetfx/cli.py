@@ -15,12 +15,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 import warnings
 
-from .cli_args import add_model_args, non_negative_int, positive_int
+from .cli_args import add_model_args, non_negative_int, positive_int, run_command
 
 DEFAULT_TEXT = "The capital of France is"
 
@@ -51,11 +50,11 @@ def _filter(args):
 
 
 def _load_and_trace(args, text: str | None = None):
-    import jetfx
     from .cli_args import load_model
+    from .tracing import trace
 
     model, tokenizer = load_model(args)
-    return model, tokenizer, jetfx.trace(model, text or DEFAULT_TEXT, tokenizer=tokenizer)
+    return model, tokenizer, trace(model, text or DEFAULT_TEXT, tokenizer=tokenizer)
 
 
 def cmd_trace(args) -> int:
@@ -69,16 +68,17 @@ def cmd_trace(args) -> int:
 
 
 def cmd_paths(args) -> int:
-    import jetfx
     from .cli_args import check_device
     from .files import check_output_file, write_atomic
+    from .paths import PathGraph
+    from .tracing import residual_of
 
     check_device(args)
     if args.svg:
         check_output_file(args.svg, "--svg")
     f = _filter(args)  # bad filter flags fail before the model loads
     _, _, gm = _load_and_trace(args)
-    graph = jetfx.path_graph(gm)
+    graph = PathGraph(residual_of(gm))  # jetfx.path_graph(gm)
     n = graph.count(f)
     print(f"{graph.count():,} paths in all; the filter {f!r} selects {n:,}")
     if n == 0:  # nothing to list: never walk the (up to 2^L) prefixes looking for one
@@ -102,9 +102,10 @@ def cmd_paths(args) -> int:
 def cmd_expand(args) -> int:
     import torch
 
-    import jetfx
-
+    from . import split as S
     from .cli_args import check_device
+    from .expansion import expand
+    from .tracing import as_tokens
 
     check_device(args)
     if args.split and args.origin:
@@ -119,15 +120,15 @@ def cmd_expand(args) -> int:
     _, tokenizer, gm = _load_and_trace(args, args.text)
     t = time.time()
     if args.split:
-        graph = jetfx.split.SplitPathGraph(gm.residual, args.k)
-        nonzero = f & jetfx.split.exponential_centers() if args.weights == "exponential" else f
+        graph = S.SplitPathGraph(gm.residual, args.k)
+        nonzero = f & S.exponential_centers() if args.weights == "exponential" else f
         print(f"split expansion at k={args.k}: {graph.describe()} split paths in all; the filter {f!r} selects "
               f"{graph.describe(f)}" + (f", {graph.describe(nonzero)} of them not identically 0 under "
                                          "weights='exponential'" if nonzero is not f else ""))
-        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, split=True,
+        ex = expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, split=True,
                           weights=args.weights)
     else:
-        ex = jetfx.expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, recenter=not args.origin)
+        ex = expand(gm, k=args.k, paths=f, max_paths=args.max_paths, jets=args.jets, recenter=not args.origin)
     compile_s = time.time() - t
     if args.fit:
         from .weights import faithfulness, fit_weights
@@ -139,7 +140,7 @@ def cmd_expand(args) -> int:
               f"evaluations, {fit.seconds:.1f} s): relative remainder ‖δ‖²/‖q‖² {fit.before_loss:.3g} → "
               f"{fit.loss:.3g}; Σ paths carry {before['paths_norm']:.3g} → {after['paths_norm']:.3g} of the logits' norm, cosine "
               f"{before['cosine']:.3f} → {after['cosine']:.3f}")
-    ids = jetfx.tracing.as_tokens(args.text, tokenizer).to(args.device)
+    ids = as_tokens(args.text, tokenizer).to(args.device)
     t = time.time()
     with torch.no_grad():
         out = ex(ids)
@@ -303,45 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"jetfx: warning: {message}", file=file or sys.stderr)
-
-
-def _terminate(signum, frame):  # SIGTERM ends a run like Ctrl-C: finished work is kept
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     """Exit status: 0 done, 2 bad input (one line saying what to do), 1 an operating-system error
     (disk full, …), 130 interrupted (finished work is kept; re-running the command resumes)."""
-    from .errors import JetfxError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    shown, term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
-    warnings.showwarning = _show_warning
-    try:
-        signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread
-        term = None
-    try:
-        return int(args.func(args) or 0)
-    except JetfxError as e:
-        print(f"jetfx: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"jetfx: {e}" if str(e) else "jetfx: interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"jetfx: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        warnings.showwarning = shown
-        if term is not None:
-            signal.signal(signal.SIGTERM, term)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

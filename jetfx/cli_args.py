@@ -8,6 +8,9 @@ Importing this module does not import torch (the parser is built without it).
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import warnings
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("float32", "float64", "bfloat16")
@@ -80,7 +83,53 @@ def load_model(args):
     """(model, tokenizer) from --model, --device, --dtype; the device is checked first."""
     import torch
 
-    import jetfx
+    from .models import load
 
     device = check_device(args)
-    return jetfx.load(args.model, dtype=getattr(torch, getattr(args, "dtype", "float32")), device=device)
+    return load(args.model, dtype=getattr(torch, getattr(args, "dtype", "float32")), device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# running a command
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"jetfx: warning: {message}", file=file or sys.stderr)
+
+
+def _terminate(signum, frame):  # SIGTERM ends a run like Ctrl-C: finished work is kept
+    raise KeyboardInterrupt
+
+
+def run_command(parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse `argv` and run the chosen subcommand (`func`), as every `jetfx` command does.
+
+    Exit status: 0 done, 2 bad input (one line saying what to do), 1 an operating-system error
+    (disk full, …), 130 interrupted (finished work is kept; re-running the command resumes)."""
+    from .errors import JetfxError
+
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    shown, term = warnings.showwarning, signal.getsignal(signal.SIGTERM)
+    warnings.showwarning = _show_warning
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        term = None
+    try:
+        return int(args.func(args) or 0)
+    except JetfxError as e:
+        print(f"jetfx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"jetfx: {e}" if str(e) else "jetfx: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"jetfx: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = shown
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)

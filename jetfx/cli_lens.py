@@ -38,11 +38,11 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    import jetfx
     from jetfx import lens as L
     from jetfx.cli_args import check_device, load_model
     from jetfx.errors import InputError
     from jetfx.files import check_output_folder
+    from jetfx.tracing import trace
 
     if not args.corpus and (args.text is None or not args.text.strip()):
         raise InputError("--text is empty: give the text to read through the lens (or --corpus)")
@@ -50,7 +50,7 @@ def run(args) -> int:
     out = Path(check_output_folder(args.out, "--out"))  # before the model loads and the lens is computed
     model, tokenizer = load_model(args)
     first = args.text if args.text and args.text.strip() else L.sample_sentences()[0]
-    gm = jetfx.trace(model, first, tokenizer=tokenizer)
+    gm = trace(model, first, tokenizer=tokenizer)
     written = {}
     if args.corpus:
         sentences = [args.text] if args.text and args.text.strip() else None
@@ -74,10 +74,16 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:  # standalone use: python -m jetfx.cli_lens lens ... (same as `jetfx lens ...`)
-    from .cli import main as jetfx_main
+def main(argv=None) -> int:
+    """Standalone use: `python -m jetfx.cli_lens lens ...` runs `jetfx lens ...` (same parser, same exit
+    statuses; the other subcommands are the `jetfx` command's)."""
+    import argparse
 
-    return jetfx_main(argv)
+    from .cli_args import run_command
+
+    parser = argparse.ArgumentParser(prog="jetfx")
+    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    return run_command(parser, argv)
 
 
 if __name__ == "__main__":

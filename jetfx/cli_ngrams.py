@@ -83,12 +83,12 @@ def head_list(text: str) -> list[int] | None:
 def _trace(args):
     import torch
 
-    import jetfx
     from .cli_args import load_model
+    from .tracing import trace
 
     model, tok = load_model(args)
     ids = torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)
-    return jetfx.trace(model, ids, tokenizer=tok)
+    return trace(model, ids, tokenizer=tok)
 
 
 def _print_rows(rows) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .expansion import jet_expand, stream
+from .step_expansion import jet_expand, stream
 from .paths import ENCODER
 from .terms import Concat, Remainder, Stream
 from .tracing import as_tokens, info_of, residual_of

@@ -34,8 +34,12 @@ class _Steps:
 def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cpu", quick: bool = False) -> int:
     import torch
 
-    import jetfx
     from jetfx import paths as P
+    from jetfx.expansion import expand
+    from jetfx.models import load
+    from jetfx.errors import ExpansionError
+    from jetfx.step_expansion import branch, jet_expand, stream
+    from jetfx.tracing import as_tokens, trace
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,12 +47,12 @@ def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cp
     summary: dict = {"model": model, "sentence": SENTENCE}
 
     with steps.step("load the model") as note:
-        m, tokenizer = jetfx.load(model, device=device)
+        m, tokenizer = load(model, device=device)
         note["text"] = f"{type(m).__name__}, {sum(p.numel() for p in m.parameters()) / 1e6:.0f}M parameters"
         print(note["text"])
 
     with steps.step("trace (torch.export) and residual analysis") as note:
-        gm = jetfx.trace(m, SENTENCE, tokenizer=tokenizer)
+        gm = trace(m, SENTENCE, tokenizer=tokenizer)
         structure = gm.residual
         text = str(structure)
         print(text if len(text) < 1500 else text[:700] + "\n  …\n" + text[-500:])
@@ -58,10 +62,10 @@ def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cp
         summary["structure"] = {"blocks": structure.num_blocks, "paths": str(structure.num_paths),
                                 "trace_error": gm.jetfx.max_abs_error}
 
-    ids = jetfx.tracing.as_tokens(SENTENCE, tokenizer).to(device)
+    ids = as_tokens(SENTENCE, tokenizer).to(device)
     with steps.step("compile and check a k = 1 exponential expansion (paths through ≤ 1 block)") as note:
         t = time.time()
-        ex = jetfx.expand(gm, k=1, paths=P.max_blocks(1))
+        ex = expand(gm, k=1, paths=P.max_blocks(1))
         compile_s = time.time() - t
         with torch.no_grad():
             res = ex(ids)
@@ -71,14 +75,14 @@ def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cp
         print(f"  Algorithm 2 weighs step s by 1/2^s: on 60 blocks these paths carry {share:.1e} of the "
               "logits' norm and the exact remainder the rest. Choose centers and weights with jet_expand:")
         if not err < 1e-3:
-            raise jetfx.ExpansionError(f"the expansion is not exact on the demo sentence (error {err:.3g})")
+            raise ExpansionError(f"the expansion is not exact on the demo sentence (error {err:.3g})")
         summary["exponential"] = {"k": 1, "paths": len(res.names), "compile_s": compile_s, "max_error": err,
                                   "share_of_logit_norm": share}
         note["text"] = f"{len(res.names)} paths, exact to {err:.1e}"
 
     with steps.step("a k = 1 decoder jet expansion around η and every block output (jet_expand)") as note:
-        centers = [jetfx.stream(gm, 0)] + [jetfx.branch(gm, b) for b in structure.blocks]
-        dec = jetfx.jet_expand(gm, "decoder", centers, 1).compile()
+        centers = [stream(gm, 0)] + [branch(gm, b) for b in structure.blocks]
+        dec = jet_expand(gm, "decoder", centers, 1).compile()
         with torch.no_grad():
             out = dec(ids)
         err = out.max_error()
@@ -108,7 +112,7 @@ def run_demo(out: str = "out", *, model: str = "smollm2-135m", device: str = "cp
     with steps.step("export the expanded module") as note:
         from .export import export, load_expanded
 
-        small = jetfx.expand(gm, k=1, paths=P.max_blocks(1) & P.within("layers.0.*", "layers.29.*"))
+        small = expand(gm, k=1, paths=P.max_blocks(1) & P.within("layers.0.*", "layers.29.*"))
         export(small, str(out_dir / "expansion.jetfx.zip"), example_tokens=ids)
         again = load_expanded(str(out_dir / "expansion.jetfx.zip"))(ids)
         with torch.no_grad():

@@ -2,7 +2,8 @@
 
 Every error says what was wrong and what to do about it, so that users never have to read a stack
 trace from deep inside torch. They all derive from `JetfxError` (itself a `ValueError`, since in
-almost every case the caller passed something jetfx cannot work with).
+almost every case the caller passed something jetfx cannot work with). `RunInterrupted` is
+not an error but a `KeyboardInterrupt`: a resumable n-gram run stopped with its work saved.
 """
 
 
@@ -61,3 +62,15 @@ def check_order(k) -> int:
         )
     return k
 
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run was interrupted (Ctrl-C, SIGTERM, a lost rank); its finished chunks are saved and it resumes.
+    `earlier`: how many paths before it in the same job are complete."""
+
+    def __init__(self, run_id: int, path: str, chunks_done: int, num_chunks: int, db_path: str, *,
+                 reason: str = "interrupted", earlier: int = 0):
+        more = f" ({earlier} earlier path{'s' if earlier != 1 else ''} complete)" if earlier else ""
+        super().__init__(f"{reason}; {chunks_done} of {num_chunks} chunks of {path} saved in {db_path}, "
+                         f"re-run the same command to resume{more}")
+        self.run_id, self.path, self.chunks_done, self.num_chunks = run_id, path, chunks_done, num_chunks
+        self.earlier = earlier

@@ -18,6 +18,8 @@ import torch
 from torch import fx
 
 from .errors import ExactnessWarning, InputError
+from .tracing import exactness_tolerance
+from .weight_sites import weight_overrides
 
 REMAINDER = "remainder"
 
@@ -84,11 +86,6 @@ class ExpansionOutput:
                        "— if nothing changed them, please report it with the model")
             warnings.warn(f"{what}, {why}", ExactnessWarning, stacklevel=3)
         return rel
-
-
-def exactness_tolerance(dtype: torch.dtype) -> float:
-    """Largest relative error of Σ paths + remainder that rounding in `dtype` explains: √eps."""
-    return float(torch.finfo(dtype).eps) ** 0.5 if dtype.is_floating_point else 0.0
 
 
 def hook_keys(names: Iterable[str]) -> dict[str, str]:
@@ -272,8 +269,6 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
         elif getattr(self, "tokenizer", None) is not None and tokens.device.type != "meta":
             check_padding(tokens, self.tokenizer)
         if weights is not None and weights is not _SWAPPED:  # other weights for this call, run eagerly
-            from .weights import weight_overrides
-
             overrides = weight_overrides(self, weights)  # (tensors that require grad stay as they are)
             return torch.func.functional_call(self, overrides, (tokens, *args), {**kwargs, "weights": _SWAPPED},
                                               strict=False)
@@ -323,8 +318,6 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
     def set_jet_weights(self, weights: dict, constraint: str = "simplex") -> None:
         """Keep these weights ({site: tensor or numbers}): a tensor is kept as it is, so when it requires
         grad, gradients of later outputs reach it. Checked against `constraint` ("simplex"/"affine")."""
-        from .weights import weight_overrides
-
         for target, value in weight_overrides(self, weights, constraint).items():
             old = self.get_buffer(target)
             if isinstance(value, torch.Tensor) and value.device != old.device:

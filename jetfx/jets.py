@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .constraints import check_weights
 from .errors import ExpansionError, check_order
 from .passes.batching import BatchedGraph
 from .passes.taylor import clear_errors  # jet modules' error wrapping, shared with the pass
@@ -238,10 +239,8 @@ def _expand_function(f, centers, variate, k, weights, *, recenter, constraint, m
             shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
             raise ExpansionError(f"every center must be a tensor shaped like the variate {tuple(variate.shape)}, "
                                  f"got {shape}")
-    from .expansion import _check_weights
-
     n = len(centers)
-    w_floats = _check_weights(weights, n, constraint)
+    w_floats = check_weights(weights, n, constraint)
     w = weights if isinstance(weights, torch.Tensor) else torch.tensor(w_floats, dtype=variate.dtype)
     stacked = torch.stack([c.to(variate.dtype) for c in centers])
     module, used = _function_jet(f, variate, k, recenter, method)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .constraints import check_weights
 from .errors import ExpansionError, InputError, check_order
 from .files import write_atomic
 from .tracing import as_tokens, info_of, residual_of
@@ -574,9 +575,7 @@ def joint_lens(gm: fx.GraphModule, tokens, k: int = 1, *, weights="uniform", gra
         if weights not in WEIGHTINGS:
             raise ExpansionError(f"weights must be 'uniform', 'optimized' or {n} numbers on the simplex, got {weights!r}")
     else:
-        from .expansion import _check_weights
-
-        fixed = _check_weights(weights, n)
+        fixed = check_weights(weights, n)
     ids = _tokens(gm, tokens)
     names = [nm for _, nms in centers_spec for nm in nms] + [structure.decoder.input] + list(dec.region.side_inputs)
     values, model_logits = _capture(gm, ids, names)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from .errors import InputError
+from .errors import InputError, RunInterrupted  # noqa: F401  (importable from here, as before)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vocabularies(hash TEXT PRIMARY KEY, size INTEGER NOT NULL);
@@ -68,19 +68,6 @@ class RunInfo:
     per_context: int
     drop_self: bool
     status: str
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """A run was interrupted (Ctrl-C, SIGTERM, a lost rank); its finished chunks are saved and it resumes.
-    `earlier`: how many paths before it in the same job are complete."""
-
-    def __init__(self, run_id: int, path: str, chunks_done: int, num_chunks: int, db_path: str, *,
-                 reason: str = "interrupted", earlier: int = 0):
-        more = f" ({earlier} earlier path{'s' if earlier != 1 else ''} complete)" if earlier else ""
-        super().__init__(f"{reason}; {chunks_done} of {num_chunks} chunks of {path} saved in {db_path}, "
-                         f"re-run the same command to resume{more}")
-        self.run_id, self.path, self.chunks_done, self.num_chunks = run_id, path, chunks_done, num_chunks
-        self.earlier = earlier
 
 
 class Run:
@@ -268,7 +255,7 @@ class NgramDB:
     # models ----------------------------------------------------------------------------------
     def add_model(self, gm, name: str | None = None) -> int:
         """The id of the model (by name and weights hash), adding it and its vocabulary if new."""
-        from . import ngrams as N
+        from . import ngram_kernels as N
         from .tracing import info_of
 
         info = info_of(gm)
@@ -375,7 +362,7 @@ class NgramDB:
 
     def table(self, run_id: int):
         """The stored final table of a finished run (an `NgramTable`)."""
-        from .ngrams import NgramTable
+        from .ngram_kernels import NgramTable
 
         info = self.run(run_id)
         rows = self.con.execute("SELECT rank, t1, t2, t3, logit, logprob FROM ngrams WHERE run=? AND scope='top' "
@@ -505,8 +492,8 @@ def extract(db: NgramDB, gm, path: str = "embed", *, name: str | None = None, to
     all) is ranked by logit with the pruned search. Several paths, several processes:
     `jetfx.ngram_job.extract_paths`.
     """
-    from . import ngrams as N
-    from .ngram_job import Settings, extract_paths
+    from . import ngram_kernels as N
+    from .ngram_job import Settings, extract_paths  # (here: the database module imports no torch, for the CLI)
 
     p = N.parse_path(gm, path)
     N._check_table_args(score, top_k, per_context, chunk_size)

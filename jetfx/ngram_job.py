@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ngrams as N
+from . import ngram_kernels as N
 from .distributed import Group, PeerLost
-from .errors import InputError, JetfxError
+from .errors import InputError, JetfxError, RunInterrupted
 
 WIDTH = 5  # rows cross between ranks as float64 (t1, t2, t3 | -1, logit, logprob) / (t1, rank, t2, logit, logprob)
 
@@ -432,8 +432,6 @@ def extract_paths(db, gm, paths, *, name: str | None = None, settings: Settings 
     chunk is committed (re-running resumes); the other ranks see KeyboardInterrupt or `PeerLost`.
     """
     from .functions import device_of
-    from .ngram_db import RunInterrupted
-
     group = group or Group(device_of(gm))
 
     def prepare():

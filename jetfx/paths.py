@@ -27,6 +27,7 @@ from .structure import Block, ResidualStructure, Step
 
 ENCODER = "embed"
 DECODER = "logits"
+DEFAULT_MAX_PATHS = 512  # the most paths `expand` compiles unless told otherwise (max_paths=)
 
 
 @dataclass(frozen=True)
@@ -574,7 +575,18 @@ class PathGraph:
         return f"PathGraph({self.structure.num_blocks} blocks, {self.count()} paths)"
 
     def render(self, selected=None, **kw) -> str:
-        """SVG of the residual computation, the selected paths highlighted (see jetfx.pictures)."""
-        from .pictures import render_path_graph
+        """SVG of the residual computation, the selected paths highlighted (drawn by jetfx.pictures)."""
+        if _drawing is None:
+            raise ExpansionError("no drawing registered: `import jetfx.pictures` (which `import jetfx` does) draws path graphs")
+        return _drawing(self, selected=selected, **kw)
 
-        return render_path_graph(self, selected=selected, **kw)
+
+# Drawing is a layer above path data: jetfx.pictures imports this module and registers how a path
+# graph is drawn (`draw_with`), so that `PathGraph.render` works without paths importing pictures.
+_drawing: Callable | None = None
+
+
+def draw_with(render: Callable) -> None:
+    """Register `render(graph, selected=…, **kw) -> SVG text` as what `PathGraph.render` calls."""
+    global _drawing
+    _drawing = render

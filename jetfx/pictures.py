@@ -1,5 +1,7 @@
 """Pictures of the residual computation: the path graph (and a selected path set) as SVG.
 
+Drawing depends on path data (`jetfx.paths`, `jetfx.split_paths`), never the reverse:
+`PathGraph.render` calls what this module registers with `jetfx.paths.draw_with`.
 Rendering goes through graphviz's `dot` program; a missing `dot` gets a message saying how to
 install it. Blocks are labelled with their name and kind and colored by kind; edges used by the
 selected paths are drawn bold and colored, the others faint.
@@ -9,7 +11,10 @@ from __future__ import annotations
 
 import shutil
 
+from . import paths as P
 from .errors import MissingDependencyError
+from .paths import DECODER, ENCODER, parse_path
+from .split_paths import SplitPathGraph
 
 KIND_COLORS = {"attn": "#d6e6f5", "mlp": "#fde2cf", "moe": "#fbd0d9", "mixer": "#d5f0ef", "other": "#e6e6e6", "encoder": "#d9f0d3", "decoder": "#e7d4e8"}
 HIGHLIGHT = "#c0392b"
@@ -22,10 +27,14 @@ def _require_dot() -> None:
                                      "(Debian/Ubuntu), brew install graphviz (macOS), or conda install graphviz")
 
 
+def svg_of(dot) -> str:
+    """SVG text of a graphviz.Digraph (or Graph), drawn by `dot`; a missing `dot` says how to install it."""
+    _require_dot()
+    return dot.pipe(format="svg").decode("utf-8")
+
+
 def path_graph_dot(graph, selected=None, *, max_skip_edges: int = 400, title: str | None = None):
     """A graphviz.Digraph of the path graph; `selected` paths (Path objects or names) highlighted."""
-    from .paths import DECODER, ENCODER, parse_path
-
     structure = graph.structure
     used_edges: set[tuple[str, str]] = set()
     used_nodes: set[str] = set()
@@ -58,8 +67,6 @@ def _blocks_digraph(structure, label: str, used_nodes: set[str]):
     """A left-to-right graphviz.Digraph with η, the blocks (one rank per step) and the decoder."""
     import graphviz
 
-    from .paths import DECODER, ENCODER
-
     dot = graphviz.Digraph("paths", graph_attr={"rankdir": "LR", "fontname": "Helvetica", "splines": "true",
                                                 "nodesep": "0.15", "ranksep": "0.35"},
                            node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica", "fontsize": "10"},
@@ -82,8 +89,6 @@ def _blocks_digraph(structure, label: str, used_nodes: set[str]):
 def split_edges(selected) -> tuple[set, set]:
     """(carry edges, interaction edges) used by split paths: a term enters a block either as the
     center it carries (carry) or as a direction the block's jet is differentiated along."""
-    from .paths import DECODER, ENCODER
-
     carry, interact, seen = set(), set(), set()
 
     def end(t) -> str:
@@ -108,8 +113,6 @@ def split_edges(selected) -> tuple[set, set]:
 def split_graph_dot(graph, selected=(), *, title: str | None = None):
     """A graphviz.Digraph of the split path graph: the residual chain, and for the `selected` split
     paths their carry edges (solid) and interaction edges (dashed)."""
-    from .paths import DECODER, ENCODER
-
     structure = graph.structure
     selected = list(selected)
     carry, interact = split_edges(selected)
@@ -130,12 +133,13 @@ def split_graph_dot(graph, selected=(), *, title: str | None = None):
 
 def render_path_graph(graph, selected=None, *, path: str | None = None, **kw) -> str:
     """SVG text of the path graph (a `PathGraph` or a `split.SplitPathGraph`); written to `path` if given."""
-    from .split import SplitPathGraph
-
     _require_dot()
     make = split_graph_dot if isinstance(graph, SplitPathGraph) else path_graph_dot
-    svg = make(graph, selected or (), **kw).pipe(format="svg").decode("utf-8")
+    svg = svg_of(make(graph, selected or (), **kw))
     if path is not None:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(svg)
     return svg
+
+
+P.draw_with(render_path_graph)  # what PathGraph.render draws with

@@ -38,7 +38,7 @@ from jetfx.paths import PathGraph
 from jetfx.terms import (LOGITS, Branch, Concat, Constant, Grouped, Jet, JetWeights, Logits, Remainder, Scaled, Select,
                          SplitJet, Stream, Terms, used_weights, walk)
 from jetfx.tracing import info_of, residual_of
-from jetfx.weights import WeightSite
+from jetfx.weight_sites import WeightSite
 
 from ._graph import aten, fetch_attr
 from .mixed import mixed_jet

@@ -202,9 +202,26 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
     """Analyse `gm` (an exported ATen graph from tokens to logits) and annotate its nodes.
 
     `strip_prefix` is removed from module paths when naming blocks (the wrapper jetfx puts
-    around Hugging Face models is called `model`).
+    around Hugging Face models is called `model`). The steps are those of the module docstring.
     """
-    graph = gm.graph
+    source, logits = _token_input_and_logits(gm.graph, token_input)
+    rewrites = to_residual_form(gm, source, logits)
+    sc = stream_chain(gm.graph, source, logits)
+    _check_residual_stream(sc, source, logits)
+    steps, block_nodes = _residual_steps(gm, sc, strip_prefix)
+    encoder = _encoder(gm.graph, sc, source)
+    dec_nodes = _decoder_nodes(sc, logits)
+    decoder = _decoder(gm, sc.adds[-1][0], logits, dec_nodes, sc.dep, gm.graph)
+    structure = ResidualStructure(encoder=encoder, steps=steps, decoder=decoder,
+                                  side_inputs=_side_inputs(gm.graph, block_nodes | dec_nodes, sc.dep),
+                                  rewrites=tuple(rewrites))
+    _annotate(gm.graph, structure, sc.dep)
+    return structure
+
+
+def _token_input_and_logits(graph: fx.Graph, token_input: str | None) -> tuple[fx.Node, fx.Node]:
+    """The placeholder of the token ids (`token_input`, else the first) and the first tensor output:
+    the two ends every residual path runs between."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:
         raise StructureError("the graph has no input: expected a token-id placeholder")
@@ -213,20 +230,21 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
         logits = first_output_value(graph)
     except ValueError as e:
         raise StructureError(f"the graph has no tensor output to expand ({e})") from None
+    return source, logits
 
-    rewrites = to_residual_form(gm, source, logits)
-    sc = stream_chain(graph, source, logits)
-    dep, G, chain, residual = sc.dep, sc.graph, sc.chain, sc.adds
-    if logits not in dep:
+
+def _check_residual_stream(sc, source: fx.Node, logits: fx.Node) -> None:
+    """Refuse graphs without a residual stream jets can expand: logits that do not depend on the
+    token values, no residual addition on the chain, or a stream transformed between two additions
+    (only casts and reshape round trips may stand there once to_residual_form has folded post-norms
+    into their blocks): h_{l+1} = h_l + γ(h_l) must hold exactly."""
+    if logits not in sc.dep:
         raise StructureError(
             "the output of the graph does not depend on the values of the token input "
             f"'{source.name}', so there is no residual computation to expand"
         )
-    if not residual:
-        raise StructureError(_no_stream(chain, G))
-
-    # Between a residual add and the next stream node only casts and reshape round trips may stand
-    # (to_residual_form has folded post-norms into their blocks).
+    if not sc.adds:
+        raise StructureError(_no_stream(sc.chain, sc.graph))
     for r, segment in sc.segments():
         if not is_round_trip(r, segment):
             n = next(n for n in segment if not is_identity_like(n))
@@ -236,78 +254,102 @@ def find_residual_structure(gm: fx.GraphModule, token_input: str | None = None, 
                 "into residual form; jetfx needs h_{l+1} = h_l + γ(h_l) with nothing but casts in between"
             )
 
-    namer = _Namer(gm, strip_prefix, dep)
-    order = {n: i for i, n in enumerate(graph.nodes)}
+
+def _residual_steps(gm: fx.GraphModule, sc, strip_prefix: str) -> tuple[tuple[Step, ...], set[fx.Node]]:
+    """One `Step` per residual addition with its blocks in graph order, indexed and named across the
+    whole model; and the nodes of all blocks (whose constant inputs are the side inputs)."""
+    namer = _Namer(gm, strip_prefix, sc.dep)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     steps: list[Step] = []
-    region_nodes: set[fx.Node] = set()
+    block_nodes: set[fx.Node] = set()
     used_names: dict[str, int] = {}
-    block_index = 0
-    for s, (r, skip, branches) in enumerate(residual):
-        after = nx.descendants(G, skip)
-        outs = [o for branch in branches for o in _summands(branch, skip, dep, G)]
-        regions = [_region(G, skip, o, after) for o in outs]
-        names = [namer.qualname(reg) for reg in regions]
-        if len(outs) > 1 and len(set(names)) < len(names):
-            if len(branches) > 1:
-                raise StructureError(
-                    f"the residual step at '{r.name}' (module {module_path(r) or '?'}) adds {len(outs)} branches that "
-                    "come from the same module; jetfx cannot tell them apart")
-            outs, regions = [branches[0]], [_region(G, skip, branches[0], after)]
-            names = [namer.qualname(regions[0])]
-        triples = sorted(zip(outs, regions, names), key=lambda t: order[t[0]])
+    for s, (r, skip, branches) in enumerate(sc.adds):
         blocks = []
-        for out, reg, qual in triples:
-            for n in reg:
-                for a in n.all_input_nodes:
-                    if a in dep and a not in reg and a is not skip:
-                        warnings.warn(
-                            f"block output '{out.name}' reads '{a.name}', which is computed from "
-                            "the tokens but is not its stream input; jets treat it as a constant",
-                            stacklevel=2,
-                        )
-            kind = _kind(reg, dep, skip)
-            short = _short_name(qual) if qual else f"block{block_index}"
-            if short in used_names:
-                used_names[short] += 1
-                short = qual if qual and qual not in used_names else f"{short}#{used_names[short]}"
-            used_names.setdefault(short, 0)
-            ordered = tuple(n.name for n in graph.nodes if n in reg)
-            linear = all(_is_linear_op(n, dep) for n in reg)
-            blocks.append(
-                Block(name=short, qualname=qual or short, kind=kind, index=block_index, step=s,
-                      input=skip.name, output=out.name, nodes=ordered, linear=linear)
-            )
-            block_index += 1
-            region_nodes |= reg
+        for out, region, qual in sorted(_step_blocks(sc, namer, r, skip, branches), key=lambda t: order[t[0]]):
+            _warn_stream_reads(region, out, skip, sc.dep)
+            index = sum(len(step.blocks) for step in steps) + len(blocks)
+            name = _unique_name(qual, index, used_names)
+            blocks.append(_block(gm.graph, name, qual, index, s, skip, out, region, sc.dep))
+            block_nodes |= region
         steps.append(Step(index=s, input=skip.name, output=r.name, blocks=tuple(blocks)))
+    return tuple(steps), block_nodes
 
-    h0 = residual[0][1]
-    enc_nodes = (nx.ancestors(G, h0) | {h0}) - {source}
-    encoder = Encoder(
-        input=source.name,
-        output=h0.name,
-        nodes=tuple(n.name for n in graph.nodes if n in enc_nodes),
-        linear=all(n.target is aten.embedding.default or is_identity_like(n) or n.target in (aten.view.default, aten.reshape.default) for n in enc_nodes),
-    )
 
-    last = residual[-1][0]
-    dec_nodes = (nx.descendants(G, last) & (nx.ancestors(G, logits) | {logits}))
-    decoder = _decoder(gm, last, logits, dec_nodes, dep, graph)
+def _step_blocks(sc, namer: "_Namer", r: fx.Node, skip: fx.Node, branches) -> list[tuple]:
+    """(output, region, module name) of each block of the step at residual add `r`.
 
-    side = set()
-    for n in region_nodes | dec_nodes:
+    A branch that is a sum of terms each computed from the stream (GPT-NeoX's parallel attention and
+    MLP) is one block per term when the terms come from different modules; terms of one module stay
+    one block, and several branches of one module cannot be told apart."""
+    dep, G = sc.dep, sc.graph
+    after = nx.descendants(G, skip)
+    outs = [o for branch in branches for o in _summands(branch, skip, dep, G)]
+    regions = [_region(G, skip, o, after) for o in outs]
+    names = [namer.qualname(reg) for reg in regions]
+    if len(outs) > 1 and len(set(names)) < len(names):
+        if len(branches) > 1:
+            raise StructureError(
+                f"the residual step at '{r.name}' (module {module_path(r) or '?'}) adds {len(outs)} branches that "
+                "come from the same module; jetfx cannot tell them apart")
+        outs, regions = [branches[0]], [_region(G, skip, branches[0], after)]
+        names = [namer.qualname(regions[0])]
+    return list(zip(outs, regions, names))
+
+
+def _warn_stream_reads(region: set[fx.Node], out: fx.Node, skip: fx.Node, dep) -> None:
+    """Warn when a block reads a token-dependent value other than its stream input (e.g. an earlier
+    stream node): its jets treat that value as a constant, so say so."""
+    for n in region:
         for a in n.all_input_nodes:
-            if a not in dep and a.op not in ("get_attr",):
-                side.add(a)
-    structure = ResidualStructure(
-        encoder=encoder,
-        steps=tuple(steps),
-        decoder=decoder,
-        side_inputs=tuple(n.name for n in graph.nodes if n in side),
-        rewrites=tuple(rewrites),
-    )
-    _annotate(graph, structure, dep)
-    return structure
+            if a in dep and a not in region and a is not skip:
+                warnings.warn(
+                    f"block output '{out.name}' reads '{a.name}', which is computed from "
+                    "the tokens but is not its stream input; jets treat it as a constant",
+                    stacklevel=4,  # the caller of find_residual_structure
+                )
+
+
+def _unique_name(qual: str, index: int, used: dict[str, int]) -> str:
+    """The block's short name (`h.3.attn` → itself, or `block7` without a module); a repeated short
+    name becomes the full module path, or `name#2`, `name#3`, … (`used` counts them)."""
+    short = _short_name(qual) if qual else f"block{index}"
+    if short in used:
+        used[short] += 1
+        short = qual if qual and qual not in used else f"{short}#{used[short]}"
+    used.setdefault(short, 0)
+    return short
+
+
+def _block(graph: fx.Graph, name: str, qual: str, index: int, step: int, skip: fx.Node, out: fx.Node,
+           region: set[fx.Node], dep) -> Block:
+    """The `Block` of a region: its kind (attention, MLP, …) and whether it is linear in the stream."""
+    return Block(name=name, qualname=qual or name, kind=_kind(region, dep, skip), index=index, step=step,
+                 input=skip.name, output=out.name, nodes=tuple(n.name for n in graph.nodes if n in region),
+                 linear=all(_is_linear_op(n, dep) for n in region))
+
+
+def _encoder(graph: fx.Graph, sc, source: fx.Node) -> Encoder:
+    """Everything from the token ids to the first stream node h_0; linear when it only embeds and
+    reshapes (what lets a linear residual network's paths be exact products of matrices)."""
+    h0 = sc.adds[0][1]
+    nodes = (nx.ancestors(sc.graph, h0) | {h0}) - {source}
+    linear = all(n.target is aten.embedding.default or is_identity_like(n)
+                 or n.target in (aten.view.default, aten.reshape.default) for n in nodes)
+    return Encoder(input=source.name, output=h0.name, nodes=tuple(n.name for n in graph.nodes if n in nodes),
+                   linear=linear)
+
+
+def _decoder_nodes(sc, logits: fx.Node) -> set[fx.Node]:
+    """The decoder υ: every node after the last residual addition that the logits are computed from."""
+    last = sc.adds[-1][0]
+    return nx.descendants(sc.graph, last) & (nx.ancestors(sc.graph, logits) | {logits})
+
+
+def _side_inputs(graph: fx.Graph, nodes: set[fx.Node], dep) -> tuple[str, ...]:
+    """Inputs of blocks and decoder that do not depend on the tokens and are not parameters (masks,
+    position ids): compiled expansions feed them to every region that reads them."""
+    side = {a for n in nodes for a in n.all_input_nodes if a not in dep and a.op != "get_attr"}
+    return tuple(n.name for n in graph.nodes if n in side)
 
 
 SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
