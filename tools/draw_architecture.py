@@ -38,14 +38,12 @@ def drawn(name: str, known) -> str:
 
 
 def module_graph(root: Path = G.ROOT) -> tuple[nx.DiGraph, dict[str, int]]:
-    """(the reduced import graph over drawn modules, {module: layer index}), PENDING edges left out."""
+    """(the reduced import graph over drawn modules, {module: layer index})."""
     known, edges = G.graph(root)
     layers = G.layer_of(known)
     g = nx.DiGraph()
     g.add_nodes_from(m for m in known if m in layers)
     for e in edges:
-        if (e.source, e.target) in G.PENDING:
-            continue
         a, b = drawn(e.source, known), drawn(e.target, known)
         if a != b:
             g.add_edge(a, b)
