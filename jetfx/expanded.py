@@ -256,6 +256,12 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
     Jet weights are buffers, one vector per site (`ex.jet_weights`: {"step1": …, "decoder": …});
     `ex(tokens, weights={...})` runs with other weights (differentiably), `ex.set_jet_weights`
     keeps them (see `jetfx.weights`).
+
+    Each tensor is held once. The model's weights belong to the module's own graph (`model.*`, the
+    names its `get_attr` nodes read); `ex.source` is a reference, not a submodule, and the jets'
+    regions register the very same tensors under their own names (aliases: `ex.aliases()`), so
+    `state_dict()` has one entry per distinct tensor, `load_state_dict` fills the aliases from their
+    owner, and `.to()`/`.double()`/`.cuda()` keep every alias and the source tied to the owner.
     """
 
     path_names: tuple[str, ...]
@@ -290,6 +296,65 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
         if getattr(self, "check_exactness", True) and not hooked and out.logits.device.type != "meta":
             out.check()  # one scalar read per call; set `check_exactness = False` to skip it
         return out
+
+    def aliases(self) -> dict[str, str]:
+        """{alias: owner}: the names under which a tensor the module already holds is registered again.
+
+        The owner of a tensor is the name its own graph reads (`model.…`); a jet registers the region's
+        weights it differentiates through under its own path (`jets.….model.…`): the same tensor object.
+        """
+        read = {n.target for n in self.graph.nodes if n.op == "get_attr"}
+        owners: dict[int, str] = {}
+        named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+        for name, tensor in named:  # a name the graph reads owns its tensor, else the first name
+            if tensor is not None and (id(tensor) not in owners or (name in read and owners[id(tensor)] not in read)):
+                owners[id(tensor)] = name
+        return {name: owners[id(t)] for name, t in named if t is not None and owners[id(t)] != name}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """One entry per distinct tensor: aliases (see `aliases`) are left out; `load_state_dict` restores them."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for alias in self.aliases():
+            out.pop(prefix + alias, None)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # runs before the submodules load: an alias (left out of `state_dict`) gets its owner's value
+        for alias, owner in self.aliases().items():
+            if prefix + alias not in state_dict and prefix + owner in state_dict:
+                state_dict[prefix + alias] = state_dict[prefix + owner]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.double()`, `.cuda()`, …: convert each tensor, then tie the aliases and `ex.source` back to
+        the owners (a parameter is converted in place and stays shared; a buffer would not)."""
+        if not recurse:
+            return super()._apply(fn, recurse)
+        source = self.__dict__.get("source")
+        owned: dict[str, list] = {}  # owner name → [(module, name)] holding the same tensor, before converting
+        for alias, owner in self.aliases().items():
+            owned.setdefault(owner, []).append((self, alias))
+        if isinstance(source, torch.nn.Module):
+            by_id = {id(t): name for name, t in self._owned_tensors()}
+            for name, t in [*source.named_parameters(remove_duplicate=False),
+                            *source.named_buffers(remove_duplicate=False)]:
+                if id(t) in by_id:
+                    owned.setdefault(by_id[id(t)], []).append((source, name))
+            source._apply(fn)  # its own tensors the expansion does not read move too
+        super()._apply(fn, recurse)
+        for owner, holders in owned.items():
+            tensor = _tensor_at(self, owner)
+            for module, name in holders:
+                _set_tensor(module, name, tensor)
+        return self
+
+    def _owned_tensors(self):
+        aliases = self.aliases()
+        return [(name, t) for name, t in [*self.named_parameters(remove_duplicate=False),
+                                          *self.named_buffers(remove_duplicate=False)]
+                if t is not None and name not in aliases]
 
     def compile(self, enabled: bool = True, **options) -> "ExpandedModule":
         """Run this module under `torch.compile` from the next call on; returns the module itself.
@@ -386,6 +451,22 @@ def _hooked(module: "ExpandedModule") -> bool:
     # instead of registering hooks
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
                for m in (module, *module.hooks.values()))
+
+
+def _tensor_at(module: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    holder = module.get_submodule(owner)
+    return holder._parameters[leaf] if leaf in holder._parameters else holder._buffers[leaf]
+
+
+def _set_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Register `tensor` where `name` is registered (a parameter or a buffer, keeping which)."""
+    owner, _, leaf = name.rpartition(".")
+    holder = module.get_submodule(owner)
+    if leaf in holder._parameters:
+        holder._parameters[leaf] = tensor
+    else:
+        holder._buffers[leaf] = tensor
 
 
 def _value_of(out: ExpansionOutput, name: str) -> torch.Tensor:
