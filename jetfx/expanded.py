@@ -304,12 +304,12 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
         weights it differentiates through under its own path (`jets.….model.…`): the same tensor object.
         """
         read = {n.target for n in self.graph.nodes if n.op == "get_attr"}
+        named = _named_tensors(self)
         owners: dict[int, str] = {}
-        named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
         for name, tensor in named:  # a name the graph reads owns its tensor, else the first name
-            if tensor is not None and (id(tensor) not in owners or (name in read and owners[id(tensor)] not in read)):
+            if id(tensor) not in owners or (name in read and owners[id(tensor)] not in read):
                 owners[id(tensor)] = name
-        return {name: owners[id(t)] for name, t in named if t is not None and owners[id(t)] != name}
+        return {name: owners[id(t)] for name, t in named if owners[id(t)] != name}
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """One entry per distinct tensor: aliases (see `aliases`) are left out; `load_state_dict` restores them."""
@@ -329,32 +329,27 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
 
     def _apply(self, fn, recurse: bool = True):
         """`.to()`, `.double()`, `.cuda()`, …: convert each tensor, then tie the aliases and `ex.source` back to
-        the owners (a parameter is converted in place and stays shared; a buffer would not)."""
+        their owners (a parameter converted in place stays shared; a buffer, or a parameter moved to
+        another device type, would not)."""
         if not recurse:
             return super()._apply(fn, recurse)
+        aliases = self.aliases()
+        owner_of = {id(t): name for name, t in _named_tensors(self) if name not in aliases}
+        holders: dict[str, list] = {}  # owner → [(module, name)] that hold its tensor, taken before converting
+        for alias, owner in aliases.items():
+            holders.setdefault(owner, []).append((self, alias))
         source = self.__dict__.get("source")
-        owned: dict[str, list] = {}  # owner name → [(module, name)] holding the same tensor, before converting
-        for alias, owner in self.aliases().items():
-            owned.setdefault(owner, []).append((self, alias))
         if isinstance(source, torch.nn.Module):
-            by_id = {id(t): name for name, t in self._owned_tensors()}
-            for name, t in [*source.named_parameters(remove_duplicate=False),
-                            *source.named_buffers(remove_duplicate=False)]:
-                if id(t) in by_id:
-                    owned.setdefault(by_id[id(t)], []).append((source, name))
-            source._apply(fn)  # its own tensors the expansion does not read move too
+            for name, t in _named_tensors(source):
+                if id(t) in owner_of:
+                    holders.setdefault(owner_of[id(t)], []).append((source, name))
+            source._apply(fn)  # its tensors the expansion does not read move too
         super()._apply(fn, recurse)
-        for owner, holders in owned.items():
+        for owner, held in holders.items():
             tensor = _tensor_at(self, owner)
-            for module, name in holders:
+            for module, name in held:
                 _set_tensor(module, name, tensor)
         return self
-
-    def _owned_tensors(self):
-        aliases = self.aliases()
-        return [(name, t) for name, t in [*self.named_parameters(remove_duplicate=False),
-                                          *self.named_buffers(remove_duplicate=False)]
-                if t is not None and name not in aliases]
 
     def compile(self, enabled: bool = True, **options) -> "ExpandedModule":
         """Run this module under `torch.compile` from the next call on; returns the module itself.
@@ -451,6 +446,11 @@ def _hooked(module: "ExpandedModule") -> bool:
     # instead of registering hooks
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
                for m in (module, *module.hooks.values()))
+
+
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) registered in `module`, a tensor registered twice under both names."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
 
 
 def _tensor_at(module: torch.nn.Module, name: str) -> torch.Tensor:

@@ -323,9 +323,11 @@ def test_expanded_module_holds_each_tensor_once():
 def test_moves_and_loads_keep_the_tensors_shared():
     _, ids, ex = _linear_resnet_expansion()
     before = {k: v.detach().clone() for k, v in ex.state_dict().items()}
+    aliases = ex.aliases()
+    assert aliases
     ex.double()
     state = ex.state_dict(keep_vars=True)
-    assert list(state) == list(before)
+    assert list(state) == list(before) and ex.aliases() == aliases
     for name, value in state.items():
         if value.is_floating_point():
             assert value.dtype == torch.float64 and torch.equal(value, before[name].double()), name
@@ -347,6 +349,13 @@ def test_moves_and_loads_keep_the_tensors_shared():
     assert again.max_error() < 1e-12
     with torch.no_grad():  # the source reads the loaded weights too
         assert torch.equal(ex.source(ids), again.logits)
+    # to another device type torch registers a new tensor for each name: the aliases and the source follow
+    ex.to("meta")
+    state = ex.state_dict(keep_vars=True)
+    assert list(state) == list(before) and ex.aliases() == aliases
+    assert all(t.device.type == "meta" for _, t in _every_name(ex))
+    for name, t in _every_name(ex.source):
+        assert t is state[name]
 
 
 @pytest.mark.real

@@ -9,8 +9,10 @@ tokens, reloads it, and prints JSON:
 - `expanded`: the ExpandedModule's `state_dict()` entries, its distinct storages (by data pointer),
   the bytes of those storages counted once, and the bytes `state_dict()` would hold were every entry
   its own copy (what a naive serializer writes);
-- `export_s`, `file_bytes`/`file_mb`, the archive's tensor payloads (`weights`: the `.pt2`'s raw
-  weight entries, their bytes);
+- `trace_s` (`jetfx.trace`, itself a torch.export of the model: what any export of the expansion,
+  which holds the whole model's graph, costs at least), `export_s`, `file_bytes`/`file_mb`, the
+  archive's tensors (`names`: the weight entries of the `.pt2`'s config, `weights`: their raw
+  payloads, and the payloads' bytes);
 - `load_s`, and `max_abs_diff` between the reloaded module's outputs and the in-memory module's
   (stacked paths, remainder, logits).
 
@@ -52,11 +54,13 @@ def archive_report(path: str) -> dict:
         program = outer.read("program.pt2")
     with zipfile.ZipFile(io.BytesIO(program)) as inner:
         infos = inner.infolist()
+        config = next(n for n in inner.namelist() if n.endswith("data/weights/model_weights_config.json"))
+        names = len(json.loads(inner.read(config))["config"])
     payload = [i for i in infos if "/data/weights/" in i.filename and not i.filename.endswith(".json")
                and "config" not in i.filename]
     constants = [i for i in infos if "/data/constants/" in i.filename and not i.filename.endswith(".json")
                  and "config" not in i.filename]
-    return {"weights": len(payload), "weight_bytes": sum(i.file_size for i in payload),
+    return {"names": names, "weights": len(payload), "weight_bytes": sum(i.file_size for i in payload),
             "constants": len(constants), "constant_bytes": sum(i.file_size for i in constants),
             "program_bytes": len(program)}
 
@@ -74,13 +78,15 @@ def main() -> None:
     from jetfx.demo import SENTENCE
 
     model, tokenizer = jetfx.load(args.model)
-    gm = jetfx.trace(model, SENTENCE, tokenizer=tokenizer)
+    t = time.perf_counter()
+    gm = jetfx.trace(model, SENTENCE, tokenizer=tokenizer)  # a torch.export of the model: the floor of an export
+    trace_s = time.perf_counter() - t
     ids = jetfx.tracing.as_tokens(SENTENCE, tokenizer)
     t = time.perf_counter()
     small = jetfx.expand(gm, k=1, paths=P.max_blocks(1) & P.within("layers.0.*", "layers.29.*"))
     expand_s = time.perf_counter() - t
     result: dict = {"model": args.model, "paths": list(small.path_names), "threads": args.threads,
-                    "torch": torch.__version__, "expand_s": round(expand_s, 2),
+                    "torch": torch.__version__, "trace_s": round(trace_s, 2), "expand_s": round(expand_s, 2),
                     "model_parameters": storage_report(model), "expanded": storage_report(small)}
     with tempfile.TemporaryDirectory() as folder:
         path = args.keep or os.path.join(folder, "expansion.jetfx.zip")
