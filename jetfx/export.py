@@ -184,7 +184,8 @@ def _one_input_per_tensor(program, ex: ExpandedModule):
     dropped = set()
     for alias, owner in owner_of.items():
         a, o = lifted.get(alias), lifted.get(owner)
-        if a is None or o is None or a.kind != o.kind or tensors.get(alias) is not tensors.get(owner):
+        same = alias in tensors and tensors[alias] is tensors.get(owner)
+        if a is None or o is None or a.kind != o.kind or not same:
             continue
         node = placeholders[a.arg.name]
         node.replace_all_uses_with(placeholders[o.arg.name])

@@ -287,7 +287,8 @@ def _weight_entries(path) -> tuple[dict, dict]:
     with zipfile.ZipFile(io.BytesIO(program)) as pz:
         config_name = next(n for n in pz.namelist() if n.endswith("data/weights/model_weights_config.json"))
         config = json.loads(pz.read(config_name))["config"]
-        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in pz.infolist() if "/data/weights/weight_" in i.filename}
+        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in pz.infolist()
+                 if "/data/weights/weight_" in i.filename}
     return config, sizes
 
 
