@@ -253,6 +253,12 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
     Jet weights are buffers, one vector per site (`ex.jet_weights`: {"step1": …, "decoder": …});
     `ex(tokens, weights={...})` runs with other weights (differentiably), `ex.set_jet_weights`
     keeps them (see `jetfx.weights`).
+
+    Each tensor is held once. The model's weights belong to the module's own graph (`model.*`, the
+    names its `get_attr` nodes read); `ex.source` is a reference, not a submodule, and the jets'
+    regions register the very same tensors under their own names (aliases: `ex.aliases()`), so
+    `state_dict()` has one entry per distinct tensor, `load_state_dict` fills the aliases from their
+    owner, and `.to()`/`.double()`/`.cuda()` keep every alias and the source tied to the owner.
     """
 
     path_names: tuple[str, ...]
@@ -285,6 +291,60 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
         if getattr(self, "check_exactness", True) and not hooked and out.logits.device.type != "meta":
             out.check()  # one scalar read per call; set `check_exactness = False` to skip it
         return out
+
+    def aliases(self) -> dict[str, str]:
+        """{alias: owner}: the names under which a tensor the module already holds is registered again.
+
+        The owner of a tensor is the name its own graph reads (`model.…`); a jet registers the region's
+        weights it differentiates through under its own path (`jets.….model.…`): the same tensor object.
+        """
+        read = {n.target for n in self.graph.nodes if n.op == "get_attr"}
+        named = _named_tensors(self)
+        owners: dict[int, str] = {}
+        for name, tensor in named:  # a name the graph reads owns its tensor, else the first name
+            if id(tensor) not in owners or (name in read and owners[id(tensor)] not in read):
+                owners[id(tensor)] = name
+        return {name: owners[id(t)] for name, t in named if owners[id(t)] != name}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """One entry per distinct tensor: aliases (see `aliases`) are left out; `load_state_dict` restores them."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for alias in self.aliases():
+            out.pop(prefix + alias, None)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # runs before the submodules load: an alias (left out of `state_dict`) gets its owner's value
+        for alias, owner in self.aliases().items():
+            if prefix + alias not in state_dict and prefix + owner in state_dict:
+                state_dict[prefix + alias] = state_dict[prefix + owner]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.double()`, `.cuda()`, …: convert each tensor, then tie the aliases and `ex.source` back to
+        their owners (a parameter converted in place stays shared; a buffer, or a parameter moved to
+        another device type, would not)."""
+        if not recurse:
+            return super()._apply(fn, recurse)
+        aliases = self.aliases()
+        owner_of = {id(t): name for name, t in _named_tensors(self) if name not in aliases}
+        holders: dict[str, list] = {}  # owner → [(module, name)] that hold its tensor, taken before converting
+        for alias, owner in aliases.items():
+            holders.setdefault(owner, []).append((self, alias))
+        source = self.__dict__.get("source")
+        if isinstance(source, torch.nn.Module):
+            for name, t in _named_tensors(source):
+                if id(t) in owner_of:
+                    holders.setdefault(owner_of[id(t)], []).append((source, name))
+            source._apply(fn)  # its tensors the expansion does not read move too
+        super()._apply(fn, recurse)
+        for owner, held in holders.items():
+            tensor = _tensor_at(self, owner)
+            for module, name in held:
+                _set_tensor(module, name, tensor)
+        return self
 
     def compile(self, enabled: bool = True, **options) -> "ExpandedModule":
         """Run this module under `torch.compile` from the next call on; returns the module itself.
@@ -379,6 +439,27 @@ def _hooked(module: "ExpandedModule") -> bool:
     # instead of registering hooks
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
                for m in (module, *module.hooks.values()))
+
+
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) registered in `module`, a tensor registered twice under both names."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
+def _tensor_at(module: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    holder = module.get_submodule(owner)
+    return holder._parameters[leaf] if leaf in holder._parameters else holder._buffers[leaf]
+
+
+def _set_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Register `tensor` where `name` is registered (a parameter or a buffer, keeping which)."""
+    owner, _, leaf = name.rpartition(".")
+    holder = module.get_submodule(owner)
+    if leaf in holder._parameters:
+        holder._parameters[leaf] = tensor
+    else:
+        holder._buffers[leaf] = tensor
 
 
 def _value_of(out: ExpansionOutput, name: str) -> torch.Tensor:

@@ -169,6 +169,39 @@ def _export_program(ex: ExpandedModule, example: torch.Tensor, static: bool, flo
         raise ExportError(f"torch.export could not export this expansion: {str(e).splitlines()[0][:400]}") from None
 
 
+def _one_input_per_tensor(program, ex: ExpandedModule):
+    """The program with one lifted input per tensor: torch.export lifts every name a parameter is
+    registered under (the jets' regions register the model's weights again, see
+    `ExpandedModule.aliases`); each alias's uses go to its owner's input, and the alias leaves the
+    signature and the state dict, so the file names each tensor once (and stores it once)."""
+    from torch.export.graph_signature import ExportGraphSignature, InputKind
+
+    owner_of = {f"ex.{alias}": f"ex.{owner}" for alias, owner in ex.aliases().items()}
+    tensors = {**program.state_dict, **program.constants}
+    specs = program.graph_signature.input_specs
+    lifted = {s.target: s for s in specs if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    dropped = set()
+    for alias, owner in owner_of.items():
+        a, o = lifted.get(alias), lifted.get(owner)
+        same = alias in tensors and tensors[alias] is tensors.get(owner)
+        if a is None or o is None or a.kind != o.kind or not same:
+            continue
+        node = placeholders[a.arg.name]
+        node.replace_all_uses_with(placeholders[o.arg.name])
+        program.graph.erase_node(node)
+        dropped.add(alias)
+    if not dropped:
+        return program
+    program.graph_module.recompile()
+    signature = ExportGraphSignature([s for s in specs if s.target not in dropped or s.kind not in
+                                      (InputKind.PARAMETER, InputKind.BUFFER)],
+                                     list(program.graph_signature.output_specs))
+    return program._update(program.graph_module, signature,
+                           state_dict={k: v for k, v in program.state_dict.items() if k not in dropped},
+                           constants={k: v for k, v in program.constants.items() if k not in dropped})
+
+
 def _strip(program) -> None:
     """Leave out what the file does not need and a loader must not trust: sample inputs, guard code,
     source metadata (stack traces hold local paths)."""
@@ -213,7 +246,7 @@ def export(ex: ExpandedModule, path, example_tokens=None, *, static: bool = Fals
     traced = getattr(getattr(ex, "source", None), "jetfx", None)
     float_input = getattr(traced, "input_kind", "tokens") == "float"
     example = _float_example(ex, traced, example_tokens) if float_input else _example(ex, example_tokens)
-    program = _export_program(ex, example, static, float_input)
+    program = _one_input_per_tensor(_export_program(ex, example, static, float_input), ex)
     _strip(program)
     buf = io.BytesIO()
     torch.export.save(program, buf)

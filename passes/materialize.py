@@ -445,5 +445,7 @@ def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", p
     module.k = k
     info = info_of(gm)
     module.tokenizer = info.tokenizer
-    module.source = gm
+    # a reference, not a submodule: the expansion owns the model's weights it reads (`model.…`), the
+    # source holds the same tensors (ExpandedModule._apply keeps them tied when the module moves)
+    module.__dict__["source"] = gm
     return module

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import jetfx
+from jetfx import models
 from jetfx import paths as P
 from jetfx.errors import ExpansionError
 from tiny_models import ARCHS, LinearResNet, TwoBlockToy, tokens, traced
@@ -284,3 +285,89 @@ def test_constant_center_of_wrong_token_shape_is_refused_at_run_time():
     ex = jetfx.jet_expand(gm, "decoder", torch.zeros(1, 9, 32), 0).compile()
     with pytest.raises(jetfx.InputError, match="does not fit"):
         ex(tokens())
+
+
+# ---------------------------------------------------------------------------------------------
+# each tensor held once: the module owns the model's weights, the jets and the source share them
+
+
+def _every_name(module):
+    """(name, tensor) for every name a tensor is registered under, aliases included."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
+def _linear_resnet_expansion():
+    model = LinearResNet(layers=2)  # 4 parameters: the embedding, two blocks, the unembedding
+    ids = tokens(length=4) % 11
+    return model, ids, jetfx.expand(jetfx.trace(model, ids), k=1)
+
+
+def test_expanded_module_holds_each_tensor_once():
+    model, _, ex = _linear_resnet_expansion()
+    state = ex.state_dict(keep_vars=True)
+    distinct = {id(t) for _, t in _every_name(ex)}
+    # the model's 4 weights, the jet weights of 2 sites (step 1, decoder), 2 index vectors (13 entries before)
+    assert len(state) == len(distinct) == 8
+    assert len({t.untyped_storage().data_ptr() for t in state.values()}) == 8
+    assert {k for k in state if k.startswith("model.")} == {f"model.{n}" for n, _ in model.named_parameters()}
+    assert not [k for k in state if not k.startswith(("model.", "weights.", "index."))]
+    aliases = ex.aliases()
+    assert aliases and all(a.startswith("jets.") and o.startswith("model.") for a, o in aliases.items())
+    for alias, owner in aliases.items():  # the jet of block 1 reads the module's own weight, not a copy
+        assert ex.get_parameter(alias) is ex.get_parameter(owner)
+    assert "source" not in dict(ex.named_children())
+    for name, t in _every_name(ex.source):
+        assert t is state[name]
+
+
+def test_moves_and_loads_keep_the_tensors_shared():
+    _, ids, ex = _linear_resnet_expansion()
+    before = {k: v.detach().clone() for k, v in ex.state_dict().items()}
+    aliases = ex.aliases()
+    assert aliases
+    ex.double()
+    state = ex.state_dict(keep_vars=True)
+    assert list(state) == list(before) and ex.aliases() == aliases
+    for name, value in state.items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float64 and torch.equal(value, before[name].double()), name
+    for alias, owner in ex.aliases().items():
+        assert ex.get_parameter(alias) is ex.get_parameter(owner)
+    for name, t in _every_name(ex.source):
+        assert t is state[name]
+    with torch.no_grad():
+        out = ex(ids)
+    assert out.stacked.dtype == torch.float64 and out.max_error() < 1e-12
+    # a state dict without the aliases loads into them too (strict): the jets see the new weights
+    doubled = {k: 2 * v.detach() if k.startswith("model.") else v.detach() for k, v in ex.state_dict().items()}
+    ex.load_state_dict(doubled)
+    for alias, owner in ex.aliases().items():
+        assert ex.get_parameter(alias) is ex.get_parameter(owner)
+        assert torch.equal(ex.get_parameter(alias), 2 * before[owner].double())
+    with torch.no_grad():
+        again = ex(ids)
+    assert again.max_error() < 1e-12
+    with torch.no_grad():  # the source reads the loaded weights too
+        assert torch.equal(ex.source(ids), again.logits)
+    # to another device type torch registers a new tensor for each name: the aliases and the source follow
+    ex.to("meta")
+    state = ex.state_dict(keep_vars=True)
+    assert list(state) == list(before) and ex.aliases() == aliases
+    assert all(t.device.type == "meta" for _, t in _every_name(ex))
+    for name, t in _every_name(ex.source):
+        assert t is state[name]
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (models.cache_dir() / "smollm2-135m").exists(), reason="the SmolLM2 weights are not cached")
+def test_smollm2_expansion_state_dict_has_one_entry_per_storage():
+    model, tokenizer = jetfx.load("smollm2-135m", progress=False)
+    gm = jetfx.trace(model, "The capital of France is", tokenizer=tokenizer)
+    ex = jetfx.expand(gm, k=1, paths=P.max_blocks(1) & P.within("layers.0.*", "layers.29.*"))  # the demo's export
+    state = ex.state_dict(keep_vars=True)
+    storages = {t.untyped_storage().data_ptr() for t in state.values()}
+    assert len(storages) == len(state)
+    # the model's weights once each: its tied embedding/unembedding is one tensor
+    weights = {id(p) for p in model.parameters()}
+    assert sum(id(t) in weights for t in state.values()) == len(weights)
+    assert len(ex.aliases()) > 0  # (the jets' regions do read the model's weights)

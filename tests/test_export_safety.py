@@ -274,3 +274,42 @@ def test_nested_jets_are_refused_with_the_reason_or_exported_static(tmp_path):
 def test_reloaded_module_is_device_agnostic(good_export):
     again = load_expanded(good_export)
     assert jetfx.passes.constant_devices(again.module) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# each tensor once in the file
+
+
+def _weight_entries(path) -> tuple[dict, dict]:
+    """The program's weights config {name: entry} and its payload sizes {member: bytes}."""
+    with zipfile.ZipFile(path) as z:
+        program = z.read("program.pt2")
+    with zipfile.ZipFile(io.BytesIO(program)) as pz:
+        config_name = next(n for n in pz.namelist() if n.endswith("data/weights/model_weights_config.json"))
+        config = json.loads(pz.read(config_name))["config"]
+        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in pz.infolist()
+                 if "/data/weights/weight_" in i.filename}
+    return config, sizes
+
+
+def test_export_names_and_stores_each_tensor_once(tmp_path):
+    model, gm = traced("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties its unembedding to the embedding
+    ex = jetfx.expand(gm, k=1, paths=P.max_blocks(1))
+    assert ex.aliases()  # the jets' regions register some of the model's weights again
+    path = export(ex, tmp_path / "ex.jetfx.zip")
+    config, sizes = _weight_entries(path)
+    state = ex.state_dict(keep_vars=True)
+    # one entry per tensor of the module (no alias), each with a payload of its own, of the tensor's size
+    assert len(config) == len(state) == len(sizes)
+    assert sorted(config) == sorted(f"ex.{name}" for name in state)
+    assert len({entry["path_name"] for entry in config.values()}) == len(config)
+    assert sum(sizes.values()) == sum(t.untyped_storage().nbytes() for t in state.values())
+    # the tied (vocab, width) matrix once
+    shapes = [tuple(s["as_int"] for s in entry["tensor_meta"]["sizes"]) for entry in config.values()]
+    assert shapes.count(tuple(model.lm_head.weight.shape)) == 1
+    again = load_expanded(path)
+    assert len(again.module.state_dict()) == len(state)
+    ids = torch.randint(0, 100, (3, 5))
+    with torch.no_grad():
+        assert torch.equal(again(ids).stacked, ex(ids).stacked)
