@@ -19,6 +19,7 @@ from torch import fx
 from jetfx.jets import jet_coefficients
 from jetfx.passes.decompose import grouped_mm
 from jetfx.passes.taylor import RULES, TaylorJet, rule_name
+from test_taylor import region_of as recorded_region  # an fx region with meta["val"] on every node
 
 fx.wrap("grouped_mm")  # a leaf of the traced functions: it loops over the offsets' values
 
@@ -270,15 +271,7 @@ CASES: dict[str, Case] = {
 def region_of(f, x, strip: bool) -> fx.GraphModule:
     """f as a GraphModule region f(x) with meta['val'] on every node, as exported regions have;
     `strip`: nodes with integer or boolean values lose theirs."""
-    gm = fx.symbolic_trace(f)
-
-    class Record(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            n.meta["val"] = out
-            return out
-
-    Record(gm).run(x)
+    gm = recorded_region(f, x)
     if strip:
         for n in gm.graph.nodes:
             v = n.meta.get("val")
