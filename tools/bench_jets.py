@@ -16,7 +16,8 @@ Prints JSON on stdout and a summary table on stderr. For SmolLM2-135M and a rand
   input, evaluated at input + small delta, one center each; as ratios to one forward of the model.
 
 The Taylor jet and the forwards it is compared with are timed in alternation (rounds of one
-sample each; a sample averages consecutive calls lasting about 2 ms), and each ratio is the
+sample each; a sample is one untimed call, then consecutive calls lasting about 2 ms, averaged:
+each function in the steady state of repeated calls, its weights in cache), and each ratio is the
 median over at least `--reps` rounds (default 5) of the ratio within a round: a machine whose
 speed drifts during the run moves both sides of a ratio together. Other figures are medians of
 at least `--reps` timed calls. All after two warm-up calls,
@@ -54,8 +55,10 @@ def timeit(fn, reps=5, min_time=0.2, max_reps=50):
 
 
 def interleaved(fns: dict, reps=5, min_time=0.2, max_reps=50, sample_s=2e-3):
-    """Time several functions in alternation: rounds of one sample each (a sample: consecutive
-    calls lasting about `sample_s`, averaged), at least `reps` rounds (more while under `min_time`).
+    """Time several functions in alternation: rounds of one sample each (a sample: one untimed
+    call, then consecutive calls lasting about `sample_s`, averaged — each function is timed in the
+    steady state of repeated calls, as when it is timed alone), at least `reps` rounds (more while
+    under `min_time`).
 
     Returns (median seconds per call of each function, median over rounds of each function's
     time over the first function's). A machine that slows down or speeds up during the run moves
@@ -74,6 +77,7 @@ def interleaved(fns: dict, reps=5, min_time=0.2, max_reps=50, sample_s=2e-3):
     rounds = 0
     while rounds < reps or (time.perf_counter() - start < min_time and rounds < max_reps):
         for name, fn in fns.items():
+            fn()  # untimed: the other function's call may have evicted this one's weights from cache
             t = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
