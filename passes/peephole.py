@@ -137,7 +137,9 @@ def stack_before_copy(gm: fx.GraphModule) -> int:
                     and c.kwargs.get("memory_format", torch.contiguous_format) == torch.contiguous_format):
                 break
             sources.append((p, c, c.args[0]))
-        if len(sources) != len(parts) or len({tuple(_val(s).shape) for _, _, s in sources if _val(s) is not None}) != 1:
+        vals = [_val(s) for _, _, s in sources]
+        if (len(sources) != len(parts) or len(set(parts)) != len(parts) or any(v is None for v in vals)
+                or len({tuple(v.shape) for v in vals}) != 1):
             continue
         vs, vp, vn = _val(sources[0][2]), _val(sources[0][0]), _val(node)
         if vs is None or vp is None or vn is None or d < 0 or tuple(vs.shape[:d]) != tuple(vp.shape[:d]):
