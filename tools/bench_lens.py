@@ -10,7 +10,6 @@ tokens; the traced graph's forward is reported too. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jetfx  # noqa: E402
+from _report import emit  # noqa: E402 - tools/_report.py, next to this script
 from jetfx import lens as L  # noqa: E402
 
 
@@ -62,10 +62,7 @@ def main(argv=None):
             t = _best(fn, repeat)
             result["lenses"][f"{name}_k{k}"] = {"seconds": round(t, 4), "ratio_to_forward": round(t / forward, 2)}
             print(f"{name:16s} k={k}: {t:.3f} s = {t / forward:.1f} forward passes", file=sys.stderr, flush=True)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

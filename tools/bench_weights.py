@@ -15,7 +15,6 @@ cancels).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jetfx  # noqa: E402
+from _report import emit  # noqa: E402 - tools/_report.py, next to this script
 from jetfx import paths as P  # noqa: E402
 from jetfx.functions import cache_of  # noqa: E402
 from jetfx.weights import fit_weights  # noqa: E402
@@ -81,10 +81,7 @@ def main(argv=None):
         print(f"{run['k']=} {run['constraint']}: fit {run['warm']['seconds']:.2f} s warm = {run['ratio_warm']} forward "
               f"passes, {run['cold']['seconds']:.2f} s cold = {run['ratio_cold']} (loss {run['warm']['loss']:.4g}, "
               f"{run['warm']['evaluations']} evaluations)", file=sys.stderr)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

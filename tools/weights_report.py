@@ -31,8 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jetfx  # noqa: E402
+from _report import emit  # noqa: E402 - tools/_report.py, next to this script
 from jetfx import lens as L  # noqa: E402
 from jetfx import paths as P  # noqa: E402
+from jetfx.files import write_atomic  # noqa: E402
 from jetfx.weights import faithfulness  # noqa: E402
 
 DEMO = "The capital of France is"
@@ -132,17 +134,14 @@ def main(argv=None):
                     run["held_out_decoder_order0"] = _rounded(faithfulness(ex, HELD_OUT, decoder_order=0))
                 report["runs"].append(run)
                 if args.out:  # after every run: a long report interrupted keeps what it measured
-                    Path(args.out).write_text(json.dumps(report, indent=1))
+                    write_atomic(args.out, json.dumps(report, indent=1))
                 print(f"k={k} {label:13s} {weights:19s} {constraint or '':8s} demo cos {run['demo']['cosine']:.4f} "
                       f"paths {run['demo']['paths_norm']:.3g} | held-out cos {run['held_out']['cosine']:.4f} "
                       f"top1 {run['held_out']['top1']:.3f} paths {run['held_out']['paths_norm']:.3g} "
                       f"remainder {run['held_out']['remainder_norm']:.3g} ({seconds:.1f} s)", file=sys.stderr, flush=True)
                 del ex
     print(markdown(report["runs"]), file=sys.stderr)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
