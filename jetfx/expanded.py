@@ -322,6 +322,25 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def __deepcopy__(self, memo: dict) -> "ExpandedModule":
+        """An independent copy. torch's GraphModule copy keeps only the graph, submodules and tensors;
+        the expansion's own attributes (path names, plan, structure, the traced `source`, …) are
+        copied here through the same memo, so the copy's source shares its tensors with the copy as the
+        original's does with the original. Caches (fit graphs, torch.compile code) are rebuilt on demand."""
+        import copy
+
+        caches = {name: self.__dict__.pop(name) for name in _REBUILT_ON_DEMAND if name in self.__dict__}
+        try:
+            res = super().__deepcopy__(memo)
+            for name, value in self.__dict__.items():
+                if name not in res.__dict__:
+                    res.__dict__[name] = copy.deepcopy(value, memo)
+        finally:
+            self.__dict__.update(caches)
+        if "_jetfx_compiled" in caches:
+            res.compile(**caches["_jetfx_compiled"].options)
+        return res
+
     def _apply(self, fn, recurse: bool = True):
         """`.to()`, `.double()`, `.cuda()`, …: convert each tensor, then tie the aliases and `ex.source` back to
         their owners (a parameter converted in place stays shared; a buffer, or a parameter moved to
@@ -406,6 +425,8 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
 
 # `weights=` of the inner call made by `torch.func.functional_call`: the buffers are already swapped
 _SWAPPED = object()
+# caches an expanded module keeps in its __dict__, not copied by `deepcopy` (the fit's graphs, torch.compile's code)
+_REBUILT_ON_DEMAND = ("_jetfx_fit", "_jetfx_compiled", "_jetfx_cache")
 
 
 class _CompiledForward:

@@ -358,6 +358,41 @@ def test_moves_and_loads_keep_the_tensors_shared():
         assert t is state[name]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_deepcopy_is_an_independent_expansion(arch):
+    import copy
+
+    _, gm = traced(arch)
+    ids = tokens()
+    ex = jetfx.expand(gm, k=1, paths=P.max_blocks(1))
+    with torch.no_grad():
+        ref = ex(ids)
+    twin = copy.deepcopy(ex)
+    assert twin.path_names == ex.path_names and twin.k == ex.k and twin.aliases() == ex.aliases()
+    assert twin.source is not ex.source
+    with torch.no_grad():
+        out = twin(ids)
+    assert torch.equal(out.stacked, ref.stacked) and torch.equal(out.remainder, ref.remainder)
+    originals = {id(t) for _, t in _every_name(ex)}
+    assert not any(id(t) in originals for _, t in [*_every_name(twin), *_every_name(twin.source)])
+    # the copy's source reads the copy's tensors where the original's source reads the original's
+    held, twin_held = ({id(t): n for n, t in _every_name(m)} for m in (ex, twin))
+    shared = [(held[id(t)], name) for name, t in _every_name(ex.source) if id(t) in held]
+    assert shared
+    twin_source = dict(_every_name(twin.source))
+    assert all(twin_held.get(id(twin_source[name])) == owner for owner, name in shared)
+    # changing the copy leaves the original as it was
+    twin.set_jet_weights({"decoder": torch.full_like(twin.jet_weights["decoder"], 0.5)}, constraint="affine")
+    twin.double()
+    with torch.no_grad():
+        again = ex(ids)
+        changed = twin(ids)
+    assert torch.equal(again.stacked, ref.stacked) and again.stacked.dtype == torch.float32
+    assert changed.stacked.dtype == torch.float64 and changed.max_error() < 1e-10
+    assert not torch.allclose(changed.stacked.float(), ref.stacked)
+    assert copy.deepcopy(ex.compile()).compiled  # a compiled module's copy compiles too (at its first call)
+
+
 @pytest.mark.real
 @pytest.mark.skipif(not (models.cache_dir() / "smollm2-135m").exists(), reason="the SmolLM2 weights are not cached")
 def test_smollm2_expansion_state_dict_has_one_entry_per_storage():
