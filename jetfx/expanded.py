@@ -49,7 +49,8 @@ class ExpansionOutput:
 
     def max_error(self) -> float:
         """max |Σ paths + remainder − logits|: the exactness of the rewriting."""
-        return float((self.total() - self.logits).abs().max())
+        with torch.no_grad():  # a number, also of outputs that require grad (no autograd warning)
+            return float((self.total() - self.logits).abs().max())
 
     def relative_error(self) -> float:
         """max |Σ paths + remainder − logits| / max(1, max |logits|) (nan if any term is not finite)."""

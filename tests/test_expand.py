@@ -358,6 +358,17 @@ def test_moves_and_loads_keep_the_tensors_shared():
         assert t is state[name]
 
 
+def test_exactness_of_outputs_that_require_grad_is_read_without_warnings():
+    import warnings
+
+    _, ids, ex = _linear_resnet_expansion()
+    out = ex(ids)  # the model's parameters require grad: so do the outputs
+    assert out.stacked.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert out.max_error() < 1e-5 and out.relative_error() < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_deepcopy_is_an_independent_expansion(arch):
     import copy
