@@ -4,8 +4,7 @@ intact file); several `jetfx ngrams` writing one fresh database at once all succ
 
 The runs use tiny random-init models saved as model folders (`--model FOLDER`), sized so that the
 part worth interrupting lasts a few seconds; the signal is sent once the run has saved something
-(polled in its database / checkpoint file), and the run has the lowest priority, so that on a busy
-machine the test's poll and signal are not held up behind the run.
+(polled in its database / checkpoint file), so the test does not depend on timing.
 """
 
 from __future__ import annotations
@@ -56,10 +55,14 @@ def one_thread():
 
 
 def start(*args) -> subprocess.Popen:
-    """`jetfx ARGS` in a process of the lowest priority: on a busy machine the polling test (and anything
-    else) runs first, so the run cannot finish between the poll that sees it ready and the signal."""
+    """`jetfx ARGS` in a new process that takes SIGINT as a terminal's Ctrl-C does, however the tests were
+    started: a shell starts a background job (`make test &`) with SIGINT ignored, which its children inherit."""
     return subprocess.Popen([sys.executable, "-m", "jetfx", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, preexec_fn=lambda: os.nice(19))
+                            text=True, env=ENV, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # (Python then installs its KeyboardInterrupt handler)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -76,8 +79,21 @@ def interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> tuple
             pytest.fail(f"the run ended (rc {rc}) before it could be interrupted:\n{out}\n{err}")
         assert time.monotonic() < deadline, "the run saved nothing in time"
         time.sleep(0.02)
+    state = _signal_state(proc.pid)
     proc.send_signal(signal.SIGINT)
-    return finish(proc)
+    rc, out, err = finish(proc)
+    if rc != 130:  # say what the run's process did with signals when it was sent SIGINT
+        err += f"\n[test: SIGINT sent to pid {proc.pid}; its signal masks then: {state}]"
+    return rc, out, err
+
+
+def _signal_state(pid: int) -> str:
+    """The process's ignored, blocked and caught signal masks (Linux /proc), for failure messages."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return f"unknown ({e})"
+    return ", ".join(line for line in lines if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt")))
 
 
 def intact(db) -> bool:
