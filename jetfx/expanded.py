@@ -117,6 +117,17 @@ class PathHook(torch.nn.Identity):
         return repr(self.path)
 
 
+def restack(stacked: torch.Tensor, rows: list, hooked: list) -> torch.Tensor:
+    """`torch.stack(hooked)`, without the copy when every hook point returned the very row it was given
+    (`rows`: views of `stacked`, so a change made in place is in `stacked` already): the copy would
+    double the peak memory of a many-path output. A hook that returns another tensor (an intervention,
+    a `detach`) gets the copy. Exporting or compiling always stacks: a graph has no object identity."""
+    if (len(rows) == len(hooked) and all(h is r for h, r in zip(hooked, rows))
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+        return stacked
+    return torch.stack(hooked)
+
+
 class PathHooks(torch.nn.ModuleDict):
     """One `PathHook` per path and one for the remainder, found by path name or attribute name:
     `hooks["layers.3.mlp"]` is `hooks.layers_3_mlp`; `hooks["remainder"]` is the remainder's."""

@@ -30,7 +30,7 @@ import torch
 from torch import fx
 
 from jetfx.errors import ExpansionError, InputError
-from jetfx.expanded import REMAINDER, ExpandedModule, PathHooks
+from jetfx.expanded import REMAINDER, ExpandedModule, PathHooks, restack
 from jetfx.functions import (block_region, compute_region, decoder_region, device_of, jet_dtype, logits_node,
                              split_decoder)
 from jetfx.jets import jet_module
@@ -149,10 +149,14 @@ class _Lowering:
             region, name = block_region(self.gm, function), _safe(function.name)
         return compute_region(region, self.dtype), name
 
+    def unembeds(self, function) -> bool:
+        """Whether the jets of `function` are d-space and U is applied to them here (see `unembed`)."""
+        return function is None and self.unembedding is not None and self.decoder != "stream"
+
     def unembed(self, function, out: fx.Node) -> fx.Node:
         """Logits of stacked d-space decoder jets (N, …, d) when the decoder was split: U·J^k γ = J^k(U∘γ),
         one GEMM per term instead of one per Taylor coefficient; in U's dtype, then the jet dtype."""
-        if function is not None or self.unembedding is None or self.decoder == "stream":
+        if not self.unembeds(function):
             return out
         node = self.unembedding
         weight = self.env[node.args[1].name]
@@ -310,11 +314,22 @@ class _Lowering:
             target, region = self.jet(f, t.k, t.recenter)
             variate = self.env[self.structure.decoder.input if f is None else f.input]
             side = [self.env[name] for name in region.side_inputs]
-            node = self.unembed(f, self.graph.call_module(target, (c, variate, *side)))
+            node, factors = self.weighted_logits(f, self.graph.call_module(target, (c, variate, *side)), w, idx)
             self.sizes[node] = len(idx)
             for position, i in enumerate(idx):
-                out[(i, j)] = (node, position, ((w, i),))
+                out[(i, j)] = (node, position, factors[position])
         return [out[pair] for pair in t.pairs]
+
+    def weighted_logits(self, function, out: fx.Node, w: int, centers: list[int]) -> tuple[fx.Node, list[tuple]]:
+        """(node, factors of its rows) for the jets `out` of `function` at these centers of site `w`.
+        Jets that are unembedded here get their weights in d-space, before U (U is linear, without a
+        bias: U·(w·x) = w·(U·x)): the logits (N, B, T, V) are the largest tensor of an expansion, and
+        weighting them after U would hold two of them at once."""
+        factors = [((w, i),) for i in centers]
+        if not self.unembeds(function):
+            return out, factors
+        scaled = self.call(scale_terms, out, self.factors(factors))
+        return self.unembed(function, scaled), [()] * len(centers)
 
     def _lower_split(self, t: SplitJet) -> list:
         """One batched call per (block, multiplicity pattern); each part is a row of its call."""
@@ -332,10 +347,11 @@ class _Lowering:
             # degree 0 takes no directions (the mixed jet evaluates f(x_i)); pass the centers along
             dirs = self.call(_as_directions, self.gather(t.centers, flat), len(members), len(mult)) if flat else c
             side = [self.env[name] for name in region.side_inputs]
-            node = self.unembed(f, self.graph.call_module(target, (c, dirs, *side)))
+            centers = [t.parts[p][0] for p in members]
+            node, factors = self.weighted_logits(f, self.graph.call_module(target, (c, dirs, *side)), w, centers)
             self.sizes[node] = len(members)
             for position, p in enumerate(members):
-                out[p] = (node, position, ((w, t.parts[p][0]),))
+                out[p] = (node, position, factors[position])
         return out
 
     def site(self, w) -> int:
@@ -428,9 +444,9 @@ def compile_expansion(gm: fx.GraphModule, terms: Terms, *, jets: str = "auto", p
     hooks = PathHooks(terms.names)
     for key, hook in hooks.items():
         low.attrs[f"hooks.{key}"] = hook
-    hooked = [low.graph.call_module(f"hooks.{hooks.key(name)}", (low.call(aten.select.int, stacked, 0, i),))
-              for i, name in enumerate(terms.names)]
-    stacked = low.call(aten.stack.default, hooked, 0)
+    rows = [low.call(aten.select.int, stacked, 0, i) for i in range(len(terms.names))]
+    hooked = [low.graph.call_module(f"hooks.{hooks.key(name)}", (row,)) for name, row in zip(terms.names, rows)]
+    stacked = low.graph.call_function(restack, (stacked, rows, hooked))
     remainder = low.graph.call_module(f"hooks.{REMAINDER}", (remainder,))
     low.graph.output((stacked, remainder, logits))
     module = ExpandedModule(low.attrs, low.graph, class_name="ExpandedModule")

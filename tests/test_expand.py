@@ -358,6 +358,37 @@ def test_moves_and_loads_keep_the_tensors_shared():
         assert t is state[name]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("k", [0, 1])
+def test_decoder_weights_are_applied_before_the_unembedding(arch, k):
+    """The logits (paths, B, T, V) are an expansion's largest tensor: the decoder's jet weights scale its
+    d-space jets, so no product is taken of the logits (it would hold two of them at once)."""
+    from jetfx.passes.materialize import scale_terms
+
+    _, gm = traced(arch)
+    ex = jetfx.expand(gm, k=k, paths=P.max_blocks(1))
+    def downstream(nodes):
+        seen, frontier = set(), list(nodes)
+        while frontier:
+            for user in frontier.pop().users:
+                if user not in seen:
+                    seen.add(user)
+                    frontier.append(user)
+        return seen
+
+    decoder_jets = [n for n in ex.graph.nodes if n.op == "call_module" and n.target.startswith("jets.decoder")]
+    unembedding = [n for n in downstream(decoder_jets) if n.target is torch.ops.aten.matmul.default]
+    assert decoder_jets and unembedding
+    assert not [n for n in downstream(unembedding) if n.op == "call_function" and n.target is scale_terms]
+    # and the decoder's weights still count: other weights, other paths (the identity holds for any weights)
+    ids = tokens()
+    with torch.no_grad():
+        base = ex(ids)
+        other = ex(ids, weights={"decoder": 2 * ex.jet_weights["decoder"]})
+    torch.testing.assert_close(other.stacked, 2 * base.stacked, rtol=1e-5, atol=1e-6)
+    assert other.max_error() < 1e-4
+
+
 def test_exactness_of_outputs_that_require_grad_is_read_without_warnings():
     import warnings
 

@@ -57,6 +57,38 @@ def test_every_path_and_the_remainder_has_a_hook_point(gpt2_expansion):
     assert len(set(keys.values())) == 5 and all(k.isidentifier() and k != "remainder" for k in keys.values())
 
 
+def test_hook_points_cost_no_copy_and_see_changes_made_in_place(gpt2_expansion):
+    ex, ids = gpt2_expansion, tokens()
+    i = ex.path_names.index("h.0.mlp")
+    with torch.no_grad():
+        base = ex(ids)
+    rows = {}
+    handle = ex.hooks["h.0.mlp"].register_forward_hook(lambda m, a, out: rows.setdefault("row", out))
+    with torch.no_grad():
+        out = ex(ids)
+    handle.remove()
+    # a hook that only reads: the output is the tensor the hook points read rows of, not a copy of them
+    assert rows["row"].untyped_storage().data_ptr() == out.stacked.untyped_storage().data_ptr()
+    assert torch.equal(out.stacked, base.stacked)
+    # a hook that changes its row in place (and returns None): the output has the change
+    with ex.intervene("embed", lambda x: x):  # (and another path's hook returns a new tensor: a copy)
+        handle = ex.hooks["h.0.mlp"].register_forward_hook(lambda m, a, out: None if out.mul_(0) is out else out)
+        with torch.no_grad():
+            zeroed = ex(ids)
+        handle.remove()
+    assert zeroed["h.0.mlp"].abs().max() == 0 and torch.equal(zeroed.remainder, base.remainder)
+    assert all(torch.equal(zeroed[n], base[n]) for n in ex.path_names if n != "h.0.mlp")
+    # a hook that returns its row detached cuts the path's gradient, though it holds the same numbers
+    weight = ex.get_parameter("model.transformer.h.0.mlp.c_fc.weight")
+    with ex.intervene("h.0.mlp", lambda x: x.detach()):
+        cut = ex(ids)
+    assert torch.equal(cut.stacked, base.stacked)
+    (grad,) = torch.autograd.grad(cut.stacked[i].sum(), weight, allow_unused=True)
+    assert grad is None or grad.abs().max() == 0
+    (grad,) = torch.autograd.grad(ex(ids).stacked[i].sum(), weight)
+    assert grad.abs().max() > 0
+
+
 def test_patching_a_path_changes_the_total_by_exactly_the_difference(gpt2_expansion):
     ex, ids, other = gpt2_expansion, tokens(), tokens(seed=7)
     with torch.no_grad():
