@@ -88,7 +88,8 @@ def main(argv=None):
     ap.add_argument("--evals-deep", type=int, default=30, help="loss evaluations of each fit, ≤ 2 blocks")
     ap.add_argument("--no-corpus", action="store_true", help="skip the fits on a corpus of 10 other sentences")
     ap.add_argument("--corpus-blocks", type=int, nargs="+", choices=(1, 2), default=[1],
-                    help="path selections that also get the corpus fit (≤ 2 blocks: every loss evaluation runs the blocks of the 1,770 two-block paths on all 93 tokens)")
+                    help="path selections that also get the corpus fit (≤ 2 blocks: every loss evaluation runs the "
+                         "blocks of the 1,770 two-block paths on all 93 tokens)")
     ap.add_argument("--schemes", nargs="+", choices=("uniform", "simplex", "affine", "corpus"),
                     default=["uniform", "simplex", "affine", "corpus"],
                     help="which weights to measure: Algorithm 2's, fitted on the demo sentence on the simplex or "
