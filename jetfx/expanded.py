@@ -259,8 +259,11 @@ class ExpandedModule(PathInterventions, fx.GraphModule):
     returns the plain tuple (stacked path logits, remainder, logits). `ex.hooks[path]` is the hook
     point of one path's logits (`intervene`, `ablate`, `patch` use them). It moves with `.to()` —
     every constant it holds, and the traced module it reads (`ex.source`, whose weights it shares) —,
-    runs under `torch.compile` with `ex.compile()`, prints its code with `print(ex.code)`, and keeps what it was built from: `ex.path_names`,
-    `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic plan), `ex.k`.
+    runs under `torch.compile` with `ex.compile()`, prints its code with `print(ex.code)`, and keeps
+    what it was built from: `ex.path_names`, `ex.structure`, `ex.path_graph`, `ex.terms` (the symbolic
+    plan), `ex.k`. The weights are the model's own tensors (`jetfx.trace` copies nothing), so a
+    conversion in place — `.double()`, `.half()` — converts the model and every expansion of it too;
+    `copy.deepcopy(ex)` first for an expansion of its own.
 
     Jet weights are buffers, one vector per site (`ex.jet_weights`: {"step1": …, "decoder": …});
     `ex(tokens, weights={...})` runs with other weights (differentiably), `ex.set_jet_weights`
