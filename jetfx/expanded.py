@@ -117,15 +117,31 @@ class PathHook(torch.nn.Identity):
         return repr(self.path)
 
 
-def restack(stacked: torch.Tensor, rows: list, hooked: list) -> torch.Tensor:
+def restack(stacked: torch.Tensor | None, rows: list, hooked: list) -> torch.Tensor:
     """`torch.stack(hooked)`, without the copy when every hook point returned the very row it was given
-    (`rows`: views of `stacked`, so a change made in place is in `stacked` already): the copy would
-    double the peak memory of a many-path output. A hook that returns another tensor (an intervention,
-    a `detach`) gets the copy. Exporting or compiling always stacks: a graph has no object identity."""
-    if (len(rows) == len(hooked) and all(h is r for h, r in zip(hooked, rows))
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
-        return stacked
+    (`rows`: the rows of `stacked`, views, so a change made in place is in `stacked` already): the copy
+    would double the peak memory of a many-path output. `stacked=None`: the tensor the rows view, when
+    they are its rows 0…N−1 (a reloaded export's outputs). A hook that returns another tensor (an
+    intervention, a `detach`) gets the copy. Under torch.compile it always stacks (no object identity
+    there); torch.export (non-strict) runs this code in Python, hooks included, and keeps no copy."""
+    same = len(rows) == len(hooked) and all(h is r for h, r in zip(hooked, rows))
+    if same and rows and (torch.compiler.is_exporting() or not torch.compiler.is_compiling()):
+        base = stacked if stacked is not None else _viewed_rows(rows)
+        if base is not None:
+            return base
     return torch.stack(hooked)
+
+
+def _viewed_rows(rows: list) -> torch.Tensor | None:
+    """The tensor whose rows 0…N−1 are the views `rows`, or None when they are not."""
+    base = rows[0]._base
+    if base is None or base.dim() == 0 or base.shape[0] != len(rows):
+        return None
+    for i, row in enumerate(rows):
+        if (row._base is not base or row.shape != base.shape[1:] or row.stride() != base.stride()[1:]
+                or row.storage_offset() != base.storage_offset() + i * base.stride(0)):
+            return None
+    return base
 
 
 class PathHooks(torch.nn.ModuleDict):

@@ -42,7 +42,7 @@ import torch
 
 from . import passes
 from .errors import ExportError, InputError
-from .expanded import REMAINDER, ExpandedModule, ExpansionOutput, PathHooks, PathInterventions
+from .expanded import REMAINDER, ExpandedModule, ExpansionOutput, PathHooks, PathInterventions, restack
 from .functions import device_of
 from .safe_pt2 import UnsafeFileError, read_program
 
@@ -306,7 +306,8 @@ class LoadedExpansion(PathInterventions, torch.nn.Module):
             raise InputError(f"this file was exported for inputs of shape {tuple(static)} only (static=True), got "
                              f"{tuple(tokens.shape)}; re-export without static=True if you can")
         out = self.module(tokens)
-        stacked = torch.stack([self.hooks[n](out[n]) for n in self.path_names])
+        rows = [out[n] for n in self.path_names]  # views of one tensor: no copy unless a hook replaces one
+        stacked = restack(None, rows, [self.hooks[n](row) for n, row in zip(self.path_names, rows)])
         return stacked, self.hooks[REMAINDER](out["remainder"]), out["logits"]
 
     def _checked_tokens(self, tokens) -> torch.Tensor:

@@ -57,7 +57,7 @@ def test_every_path_and_the_remainder_has_a_hook_point(gpt2_expansion):
     assert len(set(keys.values())) == 5 and all(k.isidentifier() and k != "remainder" for k in keys.values())
 
 
-def test_hook_points_cost_no_copy_and_see_changes_made_in_place(gpt2_expansion):
+def test_hook_points_cost_no_copy_and_see_changes_made_in_place(gpt2_expansion, tmp_path):
     ex, ids = gpt2_expansion, tokens()
     i = ex.path_names.index("h.0.mlp")
     with torch.no_grad():
@@ -87,6 +87,18 @@ def test_hook_points_cost_no_copy_and_see_changes_made_in_place(gpt2_expansion):
     assert grad is None or grad.abs().max() == 0
     (grad,) = torch.autograd.grad(ex(ids).stacked[i].sum(), weight)
     assert grad.abs().max() > 0
+    # the reloaded export: its outputs are rows of one tensor, returned as it is; an ablation still copies
+    jetfx.export(ex, tmp_path / "e.jetfx.zip")
+    loaded = jetfx.load_expanded(tmp_path / "e.jetfx.zip")
+    handle = loaded.hooks["h.0.mlp"].register_forward_hook(lambda m, a, out: rows.__setitem__("loaded", out))
+    with torch.no_grad():
+        again = loaded(ids)
+    handle.remove()
+    assert rows["loaded"].untyped_storage().data_ptr() == again.stacked.untyped_storage().data_ptr()
+    torch.testing.assert_close(again.stacked, base.stacked, rtol=1e-5, atol=1e-5)
+    with loaded.ablate("h.0.mlp"), torch.no_grad():
+        ablated = loaded(ids)
+    assert ablated["h.0.mlp"].abs().max() == 0 and torch.equal(ablated["embed"], again["embed"])
 
 
 def test_patching_a_path_changes_the_total_by_exactly_the_difference(gpt2_expansion):

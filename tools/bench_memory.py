@@ -6,7 +6,9 @@ Every path's logits are returned, (N, B, T, V): on SmolLM2 the 1,831 paths throu
 hold 360 MB per token. That output is the least a call must hold; this measures how much more it
 holds: the first call (which also traces the jets' batched graphs) and a second one, each from the
 kernel's peak resident set reset before the call; the figures are (peak − resident set before the
-call) / output bytes: 1.0 would be the output alone. Prints JSON (also written to --out).
+call) / output bytes: 1.0 would be the output alone (memory a call reuses from the allocator can
+make it read less). `--exported`: the same for the module reloaded from `jetfx.export`. Prints
+JSON (also written to --out).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import gc
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -59,12 +62,19 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--blocks", type=int, default=2, help="paths through at most this many blocks")
     ap.add_argument("--text", default=DEMO)
+    ap.add_argument("--exported", action="store_true",
+                    help="measure the module reloaded from `jetfx.export` (`jetfx.load_expanded`) instead")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     model, tok = jetfx.load(args.model, progress=False)
     gm = jetfx.trace(model, args.text, tokenizer=tok)
     ex = jetfx.expand(gm, k=args.k, paths=P.max_blocks(args.blocks), max_paths=100_000)
     ids = tok(args.text, return_tensors="pt").input_ids
+    if args.exported:
+        with tempfile.TemporaryDirectory() as folder:
+            jetfx.export(ex, Path(folder) / "bench.jetfx.zip", example_tokens=ids)
+            ex = jetfx.load_expanded(Path(folder) / "bench.jetfx.zip")
+        gc.collect()
     with torch.no_grad():
         calls = []
         for _ in range(2):
@@ -73,7 +83,8 @@ def main(argv=None):
             if len(calls) < 2:
                 del out
     output = sum(t.numel() * t.element_size() for t in (out.stacked, out.remainder, out.logits))
-    emit({"model": args.model, "k": args.k, "paths": len(ex.path_names), "tokens": int(ids.numel()),
+    emit({"model": args.model, "exported": args.exported, "k": args.k, "paths": len(ex.path_names),
+          "tokens": int(ids.numel()),
           "output_bytes": output, "calls": [{"resident_before": b, "resident_peak": p} for b, p in calls],
           "first_call_peak_over_output": round((calls[0][1] - calls[0][0]) / output, 3),
           "second_call_peak_over_output": round((calls[1][1] - calls[1][0]) / output, 3),
