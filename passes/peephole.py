@@ -58,8 +58,16 @@ def _key(x):
     return (type(x).__name__, x)
 
 
+def _writes_in_place(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in gm.graph.nodes)
+
+
 def dedupe(gm: fx.GraphModule) -> int:
-    """Merge repeated pure calls with the same arguments into the first; returns how many."""
+    """Merge repeated pure calls with the same arguments into the first; returns how many. Not in a
+    graph that writes in place: two equal calls (two `zeros`) may be written differently afterwards."""
+    if _writes_in_place(gm):
+        return 0
     seen, merged = {}, 0
     for node in list(gm.graph.nodes):
         if not _pure(node):

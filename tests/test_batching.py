@@ -231,3 +231,22 @@ def test_bias_is_added_in_place_only_into_a_fresh_product():
     given = peephole(make_fx(biased)(t, b))
     assert given.meta["peephole"]["bias_in_place"] == 0
     assert torch.equal(given(t, b), biased(kept, b)) and torch.equal(t, kept)
+
+
+def test_equal_calls_are_not_merged_in_a_graph_that_writes_in_place():
+    """Two `zeros` written differently afterwards are two tensors: merging them would alias the writes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from jetfx.passes.peephole import peephole
+
+    def two_buffers(x):
+        a = aten.zeros.default([3], dtype=x.dtype)
+        b = aten.zeros.default([3], dtype=x.dtype)
+        aten.add_.Tensor(a, x)
+        aten.sub_.Tensor(b, x)
+        return aten.add.Tensor(aten.mul.Tensor(a, 2), b)
+
+    x = torch.arange(3.0, dtype=torch.float64)
+    gm = peephole(make_fx(two_buffers)(x))
+    assert gm.meta["peephole"]["dedupe"] == 0
+    assert torch.equal(gm(x), x)
