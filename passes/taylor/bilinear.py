@@ -228,11 +228,11 @@ def _scaled_product_plus(ctx: Ctx, node: fx.Node, product, inp, m1, m2, beta, al
     prod = bilinear(ctx, node, m1, m2, target=product) if (is_series(m1) or is_series(m2)) else None
     if prod is None:
         prod = Series([B.call(product, (cval(m1), cval(m2)), name=B.cname(ctx.base, 0))] + [None] * ctx.k)
-    prod = Series([B.scale(c, alpha, B.cname(ctx.base, j)) for j, c in enumerate(prod.cs)])
+    prod = B.scale_series(prod, alpha, ctx.base)
     if beta == 0:  # torch ignores the input then, NaNs included (attention code passes torch.empty)
         return prod
     if is_series(inp):
-        inp = Series([B.scale(c, beta, B.cname(ctx.base, j)) for j, c in enumerate(inp.cs)])
+        inp = B.scale_series(inp, beta, ctx.base)
         return B.add_series(prod, inp, ctx.base)
     return B.shift(prod, B.scale(cval(inp), beta, ctx.base + "_in") if isinstance(cval(inp), fx.Node) else cval(inp) * beta, ctx.base)
 

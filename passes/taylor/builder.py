@@ -73,6 +73,10 @@ class Builder:
             return a
         return self.call(aten.mul.Tensor, (a, s), name=name)
 
+    def scale_series(self, a: Series, s, base: str) -> Series:
+        """s·a for a series and a Python number, coefficient by coefficient."""
+        return Series([self.scale(c, s, self.cname(base, j)) for j, c in enumerate(a.cs)])
+
     def mul(self, a, b, name):
         """a·b for coefficients (None when either is zero)."""
         if a is None or b is None:

@@ -50,7 +50,6 @@ def exp_series(B, u: Series, base: str, y0=None, order: int | None = None) -> Se
 
 
 def log_series(B, u: Series, base: str, y0=None) -> Series:
-    # l' = u'/u:  u_0 l_n = u_n − (1/n) Σ_{j=1..n−1} j l_j u_{n−j}
     """log(u): u_0·l_n = u_n − (1/n) Σ_{j=1..n−1} j l_j u_{n−j} (one reciprocal of u_0)."""
     if y0 is None:
         y0 = B.call(aten.log.default, (u[0],), name=B.cname(base, 0))
@@ -80,7 +79,6 @@ def pow_series(B, u: Series, p: float, base: str, y0=None) -> Series:
         return B.square(u, base)
     if y0 is None:
         y0 = B.call(aten.pow.Tensor_Scalar, (u[0], p), name=B.cname(base, 0))
-    # w_n = 1/(n u_0) Σ_{j=1..n} (p j − (n − j)) u_j w_{n−j}
     ws = [y0]
     inv0 = None
     for n in range(1, B.k + 1):
@@ -152,7 +150,7 @@ def erf_series(B, u: Series, base: str) -> Series:
     if B.k == 0:
         return Series([y0])
     sq = B.square(Series(u.cs[: B.k]), base + "_sq")  # exp(−u²) needed up to k−1
-    neg = Series([B.scale(c, -1, B.cname(base + "_negsq", j)) for j, c in enumerate(sq.cs[: B.k])])
+    neg = B.scale_series(Series(sq.cs[: B.k]), -1, base + "_negsq")
     e = exp_series(B, neg, base + "_gauss", order=B.k - 1)
     return ode(B, u, y0, lambda m, ys: e[m], base, factor=2.0 / math.sqrt(math.pi))
 
@@ -179,19 +177,12 @@ def rule_pow(ctx, node, args, kwargs):
 
 
 def _pow_rule(p):
-    """A rule for u^p with a fixed p (rsqrt: −½, sqrt: ½), c_0 from the op itself."""
+    """A rule for u^p with a fixed p (rsqrt: −½, sqrt: ½, reciprocal: −1), c_0 from the op itself."""
     def rule(ctx, node, args, kwargs):
         y0 = ctx.b.call(node.target, (args[0][0],), name=ctx.b.cname(ctx.base, 0))
         return pow_series(ctx.b, args[0], p, ctx.base, y0=y0)
 
     return rule
-
-
-def rule_reciprocal(ctx, node, args, kwargs):
-    """reciprocal = u^(−1), c_0 from the op itself."""
-    B = ctx.b
-    y0 = B.call(aten.reciprocal.default, (args[0][0],), name=B.cname(ctx.base, 0))
-    return pow_series(B, args[0], -1, ctx.base, y0=y0)
 
 
 def rule_tanh(ctx, node, args, kwargs):
@@ -218,13 +209,13 @@ def rule_gelu(ctx, node, args, kwargs):
     if approx == "tanh":
         c = math.sqrt(2.0 / math.pi)
         cube = B.cauchy(B.square(u, base + "_sq"), u, base + "_cube")
-        inner = B.add_series(Series([B.scale(x, c, B.cname(base + "_in", j)) for j, x in enumerate(u.cs)]),
-                             Series([B.scale(x, c * 0.044715, B.cname(base + "_in3", j)) for j, x in enumerate(cube.cs)]), base + "_inner")
+        inner = B.add_series(B.scale_series(u, c, base + "_in"), B.scale_series(cube, c * 0.044715, base + "_in3"),
+                             base + "_inner")
         g = tanh_series(B, inner, base + "_tanh")
     else:
-        g = erf_series(B, Series([B.scale(x, 1 / math.sqrt(2.0), B.cname(base + "_in", j)) for j, x in enumerate(u.cs)]), base + "_erf")
+        g = erf_series(B, B.scale_series(u, 1 / math.sqrt(2.0), base + "_in"), base + "_erf")
     # gelu = 0.5·u·(1 + g)
-    half = Series([B.scale(x, 0.5, B.cname(base + "_half", j)) for j, x in enumerate(u.cs)])
+    half = B.scale_series(u, 0.5, base + "_half")
     one_g = B.shift(g, 1.0, base + "_1p")
     return B.cauchy(half, one_g, base)
 
@@ -240,7 +231,7 @@ def softplus_series(B, u, base, beta=1.0, threshold=20.0):
     """softplus(u) = log(1 + exp(βu))/β: softplus' = σ(βu). The threshold (linear beyond it) is
     honoured in c_0 only, by the op itself."""
     y0 = B.call(aten.softplus.default, (u[0], beta, threshold), name=B.cname(base, 0))
-    ub = Series([B.scale(c, beta, B.cname(base + "_b", j)) for j, c in enumerate(u.cs)]) if beta != 1 else u
+    ub = B.scale_series(u, beta, base + "_b") if beta != 1 else u
     sig = sigmoid_series(B, ub, base + "_sigmoid")
     return ode(B, u, y0, lambda m, ys: sig[m], base)
 

@@ -20,7 +20,7 @@ from ..decompose import grouped_mm
 from .attention import rule_log_softmax, rule_softmax
 from .bilinear import rule_addmm, rule_baddbmm, rule_bilinear, rule_div, rule_einsum, rule_linear, rule_mul
 from .casts import rule_amax, rule_masked_fill, rule_max_dim, rule_piecewise_constant, rule_topk, rule_where
-from .elementwise import (_pow_rule, rule_erf, rule_exp, rule_gelu, rule_log, rule_mish, rule_pow, rule_reciprocal,
+from .elementwise import (_pow_rule, rule_erf, rule_exp, rule_gelu, rule_log, rule_mish, rule_pow,
                           rule_sigmoid, rule_silu, rule_softplus, rule_tanh)
 from .linear import (_joint_linear, rule_add, rule_constant_pad, rule_convolution, rule_getitem, rule_identity,
                      rule_linear_first, rule_linear_list, rule_rsub, rule_sub, rule_view)
@@ -109,7 +109,7 @@ register(["log"], rule_log)
 register(["pow"], rule_pow)
 register(["rsqrt"], _pow_rule(-0.5))
 register(["sqrt"], _pow_rule(0.5))
-register(["reciprocal"], rule_reciprocal)
+register(["reciprocal"], _pow_rule(-1))
 register(["tanh"], rule_tanh)
 register(["sigmoid"], rule_sigmoid)
 register(["erf"], rule_erf)
